@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import types
 import typing
@@ -61,11 +62,18 @@ class IngestConfig:
             raise ConfigError(f"ingest.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_clips < 0 or self.num_stills < 0:
             raise ConfigError("ingest.num_clips and ingest.num_stills must be >= 0")
+        if not (self.sizes and self.num_frames and self.fps):
+            raise ConfigError("ingest.sizes, ingest.num_frames and ingest.fps must not be empty")
         for hw in self.sizes:
-            if len(hw) != 2 or min(hw) < 16:
-                raise ConfigError(f"ingest.sizes entries are [height, width] >= 16, got {hw}")
-        if any(n < 1 for n in self.num_frames) or any(f <= 0 for f in self.fps):
-            raise ConfigError("ingest.num_frames and ingest.fps must be positive")
+            # h264 with yuv420p chroma needs even sides.
+            if len(hw) != 2 or min(hw) < 16 or hw[0] % 2 or hw[1] % 2:
+                raise ConfigError(f"ingest.sizes entries are even [height, width] >= 16, got {hw}")
+        if any(n < 5 or n % 4 != 1 for n in self.num_frames):
+            raise ConfigError(f"ingest.num_frames entries must be 4k+1 and >= 5, got {self.num_frames}")
+        if any(f <= 0 for f in self.fps):
+            raise ConfigError(f"ingest.fps must be positive, got {self.fps}")
+        if self.val_combos < 0:
+            raise ConfigError(f"ingest.val_combos must be >= 0, got {self.val_combos}")
 
 
 @dataclass
@@ -140,10 +148,14 @@ class LaunchConfig:
     """Kill the whole job after this many seconds (0 = no limit)."""
     omp_num_threads: int = 0
     """OMP_NUM_THREADS for each worker (0 = leave torch's default)."""
+    kill_grace_s: float = 10.0
+    """Seconds between SIGTERM and SIGKILL when a job is killed (timeout, cancel, Ctrl-C)."""
 
     def __post_init__(self) -> None:
         if self.nnodes < 1 or self.nproc_per_node < 1:
             raise ConfigError("launch.nnodes and launch.nproc_per_node must be >= 1")
+        if self.timeout_s < 0 or self.omp_num_threads < 0 or self.kill_grace_s < 0:
+            raise ConfigError("launch.timeout_s, launch.omp_num_threads and launch.kill_grace_s must be >= 0")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("launch.rdzv_endpoint is required when launch.nnodes > 1")
 
@@ -302,7 +314,9 @@ def resolve_profile_path(profile_dir: Path, profile: str) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted(p.name for p in profile_dir.glob("*.yaml")) if profile_dir.is_dir() else []
-    raise ConfigError(f"profile {profile!r} not found in {profile_dir}/; known profiles: {', '.join(known) or 'none'}")
+    raise ConfigError(
+        f"profile {profile!r} not found in {profile_dir}/; known profiles: {', '.join(known) or 'none'}"
+    )
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -360,9 +374,7 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(
-            f"unknown key '{key}'; valid keys in [{where}]: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"unknown key '{key}'; valid keys in [{where}]: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
@@ -460,7 +472,7 @@ def section_help(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)

@@ -1,0 +1,51 @@
+"""``dvc repro`` over the data stages on the micro profile, then a second repro that does nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_data_stages_produce_their_outputs(project, pipeline_run) -> None:
+    root = project.root
+    index = pd.read_csv(root / "data/raw/index.csv")
+    assert list(index.columns) == ["path", "text", "split"]
+    assert set(index["split"]) == {"train", "val"}
+    meta = pd.read_parquet(root / "data/meta/meta.parquet")
+    assert len(meta) == len(index)
+    assert (meta["status"] == "ok").all()
+    clean = pd.read_parquet(root / "data/meta/clean.parquet")
+    manifest = json.loads((root / "data/shards/manifest.json").read_text())
+    assert sum(manifest["rows_by_split"].values()) == len(clean)
+    shard_rows = sum(len(pd.read_parquet(root / "data/shards" / s["file"])) for s in manifest["shards"])
+    assert shard_rows == len(clean)
+    report = json.loads((root / "reports/validation.json").read_text())
+    assert report["passed"] is True
+
+
+def test_second_repro_does_nothing(project, pipeline_run) -> None:
+    status = project.dvc("status")
+    assert "up to date" in status.stdout.lower(), status.stdout
+    again = project.dvc("repro")
+    assert "Running stage" not in again.stdout, again.stdout
+
+
+def test_changed_param_reruns_only_affected_stages(project, pipeline_run) -> None:
+    status = project.dvc("status", "--json", env=None)
+    assert json.loads(status.stdout or "{}") == {}
+    dry = project.dvc("repro", "--dry", "--set-param", "shard.rows_per_shard=5", check=False)
+    # `dvc repro` has no --set-param; fall back to `dvc exp run --dry -S` semantics via status.
+    if dry.returncode != 0:
+        params = project.root / "params/ci.yaml"
+        original = params.read_text()
+        try:
+            params.write_text(original.replace("rows_per_shard: 8", "rows_per_shard: 5"))
+            changed = json.loads(project.dvc("status", "--json").stdout)
+        finally:
+            params.write_text(original)
+        # The profile file is a params dep of every stage; only values it changes matter to shard.
+        assert "shard" in changed
