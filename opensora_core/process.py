@@ -1,12 +1,14 @@
-"""Run a command in its own process group, stream its output, kill the whole group on timeout.
+"""Run a command in its own process group, stream its output, kill the whole tree on timeout.
 
 One copy of this logic serves the torchrun launcher and the Prefect flow's ``dvc repro`` calls:
 a stage that times out or is cancelled must leave no orphan behind (an orphan would keep DVC's
-lock or a GPU busy).
+lock or a GPU busy). torchrun starts each worker in a session of its own, so killing one process
+group is not enough: :func:`kill_process_tree` signals every group in the tree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +18,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 TIMEOUT_EXIT_CODE = 124
 GRACE_SECONDS = 10.0
@@ -38,32 +42,61 @@ def venv_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def kill_group(proc: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
-    """SIGTERM the process group of ``proc``, then SIGKILL whatever is left after ``grace``."""
+def kill_process_tree(proc: subprocess.Popen | int, grace_s: float = 10.0) -> None:
+    """SIGTERM every process group under ``proc`` (itself included), SIGKILL what is left after ``grace_s``.
+
+    torchrun puts each worker in a session of its own, so the groups are collected from the whole
+    tree first; a group kill also reaches processes a worker started (data loader workers).
+    """
+    pid = proc.pid if isinstance(proc, subprocess.Popen) else proc
     try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    own_group = os.getpgrp()
+    groups = set()
+    for p in procs:
         try:
-            os.killpg(pgid, sig)
+            groups.add(os.getpgid(p.pid))
         except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_alive(pgid):
-                return
-            time.sleep(0.1)
+            continue
+    groups.discard(own_group)
+    _signal_tree(groups, procs, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        if isinstance(proc, subprocess.Popen):
+            proc.poll()  # reap torchrun as soon as it exits
+        time.sleep(0.05)
+    # Anything the survivors started meanwhile (possibly in new sessions) goes down with them.
+    survivors = [p for p in procs if _alive(p)]
+    for p in list(survivors):
+        with contextlib.suppress(psutil.Error):
+            survivors += p.children(recursive=True)
+    for p in survivors:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            groups.add(os.getpgid(p.pid))
+    groups.discard(own_group)
+    _signal_tree(groups, survivors, signal.SIGKILL)
+    if isinstance(proc, subprocess.Popen):
+        proc.wait()
 
 
-def _group_alive(pgid: int) -> bool:
+def _signal_tree(groups: set[int], procs: list[psutil.Process], sig: signal.Signals) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(sig)
+
+
+def _alive(p: psutil.Process) -> bool:
+    """Running and not a zombie (an orphaned worker may stay a zombie until PID 1 reaps it)."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_process_group(
@@ -109,14 +142,11 @@ def run_process_group(
     except subprocess.TimeoutExpired:
         timed_out = True
         emit(f"timeout after {timeout_s:.0f}s: killing process group {proc.pid}")
-        kill_group(proc, grace_s)
+        kill_process_tree(proc, grace_s)
     except BaseException:
-        kill_group(proc, grace_s)
+        kill_process_tree(proc, grace_s)
         raise
     finally:
         reader.join(timeout=5)
-    # The leader may exit while children it started still run: never leave them behind.
-    if _group_alive(proc.pid):
-        kill_group(proc, grace_s)
     code = TIMEOUT_EXIT_CODE if timed_out else proc.returncode
     return ProcessResult(returncode=code, seconds=time.monotonic() - start, timed_out=timed_out)

@@ -1,0 +1,1 @@
+"""Training building blocks shared by the jobs: checkpoints, EMA, LR schedules."""

@@ -1,0 +1,407 @@
+"""The one checkpoint helper of every training job: atomic save, resume selection, load, pruning.
+
+A checkpoint is a folder ``<ckpt_dir>/step-NNNNNNNN/``::
+
+    model.pt          weights (through the Booster when one is given, so ZeRO works)
+    optimizer.pt      optimizer state (gathered by the Booster from ZeRO shards)
+    lr_scheduler.pt   LR scheduler state
+    ema.pt            EMA shadow weights (fp32)
+    trainer_state.pt  step, data sampler state, extra job state
+    rng/rank-NNNNN.pt every rank's python / numpy / torch / CUDA RNG states
+    config.json       the resolved configuration
+    meta.json         step, config hash, world size, time
+    COMPLETE          written last
+
+Atomicity: every rank writes into ``.tmp-step-NNNNNNNN/`` beside it (all ranks call
+:func:`save_checkpoint`; each writes its own RNG file), a barrier, then rank 0 fsyncs the files,
+writes ``COMPLETE`` and renames the folder into place. A crash at any point leaves either the
+previous checkpoints only or a complete new one: folders without ``COMPLETE`` or with another name
+are never resumed. With several nodes ``ckpt_dir`` must be on a shared filesystem.
+
+Resume: :func:`find_resume_checkpoint` picks the latest complete checkpoint whose config hash
+(:func:`resume_config_hash`: the resolved config less step counts, logging and launch details)
+equals the current one, and otherwise says why the run starts fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from opensora_core.config import config_hash as _config_hash
+from opensora_core.distributed.booster import unwrap_model, unwrap_optimizer
+from opensora_core.distributed.dist import barrier, get_rank, get_rng_states, get_world_size, set_rng_states
+
+log = logging.getLogger("opensora.checkpoint")
+
+COMPLETE = "COMPLETE"
+_NAME_RE = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+RESUME_EXCLUDE: tuple[str, ...] = (
+    "profile",
+    "tracking",
+    "flow",
+    "evaluate",
+    "register",
+    "launch.timeout_s",
+    "launch.kill_grace_s",
+    "launch.omp_num_threads",
+    "launch.rdzv_*",
+    "launch.node_rank",
+    "*.steps",
+    "*.progress",
+    "*.num_workers",
+    "*.*_every",
+    "*.keep_last_n",
+)
+"""Dotted keys (fnmatch patterns) left out of the resume hash: changing them keeps a checkpoint
+resumable. Step counts (a longer run resumes a shorter one), logging and checkpoint cadence,
+loader workers, launch details that do not change the numbers, and the stages after training.
+A job adds the sections it does not depend on (``RESUME_EXCLUDE + ("diffusion",)``)."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` restored, plus the job state the caller applies itself."""
+
+    path: Path
+    step: int
+    config_hash: str
+    sampler_state: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Config hash
+# --------------------------------------------------------------------------------------------
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A dataclass or mapping as the plain JSON data ``config.json`` holds (tuples become lists)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def _drop_keys(data: Any, patterns: tuple[str, ...], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if any(fnmatch.fnmatchcase(dotted, p) for p in patterns):
+            continue
+        out[key] = _drop_keys(value, patterns, dotted)
+    return out
+
+
+def resume_config_hash(config: Any, exclude: tuple[str, ...] = RESUME_EXCLUDE) -> str:
+    """``config_hash`` of the resolved config (dataclass or mapping) less the keys matching ``exclude``."""
+    return _config_hash(_drop_keys(_config_dict(config), exclude))
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_diff(old: Any, new: Any, exclude: tuple[str, ...] = RESUME_EXCLUDE) -> list[str]:
+    """``key: old -> new`` for every dotted key that differs (excluded keys ignored)."""
+    a = _flatten(_drop_keys(_config_dict(old), exclude))
+    b = _flatten(_drop_keys(_config_dict(new), exclude))
+    missing = object()
+    return [
+        f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Listing
+# --------------------------------------------------------------------------------------------
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a checkpoint folder name, or None when it is not one."""
+    match = _NAME_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: str | Path) -> bool:
+    path = Path(path)
+    return checkpoint_step(path) is not None and (path / COMPLETE).is_file()
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``ckpt_dir``, oldest step first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def find_resume_checkpoint(
+    ckpt_dir: str | Path,
+    config_hash: str,
+    config: Any = None,
+    exclude: tuple[str, ...] = RESUME_EXCLUDE,
+) -> tuple[Path | None, str]:
+    """The latest complete checkpoint saved with ``config_hash``, and a readable reason.
+
+    When none matches, the reason names the newest checkpoint's hash and, if the current
+    ``config`` is given, the keys that differ from the config saved beside it.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    complete = list_checkpoints(ckpt_dir)
+    if not complete:
+        partial = [p.name for p in ckpt_dir.glob("*") if p.is_dir()] if ckpt_dir.is_dir() else []
+        extra = (
+            f" ({len(partial)} incomplete folder(s) ignored: {', '.join(sorted(partial)[:3])})"
+            if partial
+            else ""
+        )
+        return None, f"no complete checkpoint in {ckpt_dir}{extra}; starting fresh"
+    skipped = []
+    for path in reversed(complete):
+        saved = read_meta(path).get("config_hash", "")
+        if saved == config_hash:
+            note = f"; newer {', '.join(skipped)} saved with another config" if skipped else ""
+            return path, f"resuming from {path} (step {checkpoint_step(path)}){note}"
+        skipped.append(path.name)
+    latest = complete[-1]
+    saved = read_meta(latest).get("config_hash", "")
+    reason = (
+        f"config hash {config_hash[:12]} differs from every checkpoint in {ckpt_dir} "
+        f"(latest {latest.name}: {saved[:12]})"
+    )
+    if config is not None and (latest / "config.json").is_file():
+        changes = config_diff(json.loads((latest / "config.json").read_text()), config, exclude)
+        if changes:
+            more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
+            reason += f"; changed: {'; '.join(changes[:5])}{more}"
+    return None, reason + "; starting fresh"
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any = None,
+    lr_scheduler: Any = None,
+    ema: Any = None,
+    sampler: Stateful | Mapping[str, Any] | None = None,
+    booster: Any = None,
+    config: Any = None,
+    config_hash: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    keep_last_n: int = 0,
+    exclude: tuple[str, ...] = RESUME_EXCLUDE,
+) -> Path:
+    """Write ``<ckpt_dir>/step-NNNNNNNN/`` atomically; every rank must call it. Returns the folder.
+
+    ``model`` / ``optimizer`` go through ``booster.save_model`` / ``save_optimizer`` when a
+    Booster is given, else rank 0 ``torch.save``s the unwrapped state dicts. ``sampler`` is an
+    object with ``state_dict()`` or a plain mapping. ``config_hash`` defaults to
+    :func:`resume_config_hash` of ``config``. ``keep_last_n > 0`` deletes older checkpoints.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    rank, world_size = get_rank(), get_world_size()
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / f"{_TMP_PREFIX}{final.name}"
+    if config_hash is None:
+        config_hash = resume_config_hash(config, exclude) if config is not None else ""
+
+    # 1. Rank 0 clears leftovers of an interrupted save and makes the temp folder.
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in ckpt_dir.glob(f"{_OLD_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    barrier()
+
+    # 2. Model and optimizer: collectives under ZeRO, so every rank takes part.
+    if booster is not None:
+        booster.save_model(model, str(tmp / "model.pt"))
+        if optimizer is not None:
+            booster.save_optimizer(optimizer, str(tmp / "optimizer.pt"))
+    elif rank == 0:
+        torch.save(unwrap_model(model).state_dict(), tmp / "model.pt")
+        if optimizer is not None:
+            torch.save(unwrap_optimizer(optimizer).state_dict(), tmp / "optimizer.pt")
+
+    # 3. Replicated state: rank 0 writes it once.
+    if rank == 0:
+        if lr_scheduler is not None:
+            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), tmp / "ema.pt")
+        sampler_state = sampler.state_dict() if hasattr(sampler, "state_dict") else sampler
+        trainer_state = {"step": step, "sampler": sampler_state, "extra": dict(extra or {})}
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(_config_dict(config), indent=2, default=str))
+        meta = {
+            "step": step,
+            "config_hash": config_hash,
+            "world_size": world_size,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    # 4. Every rank its own RNG states.
+    torch.save(get_rng_states(), tmp / "rng" / f"rank-{rank:05d}.pt")
+    barrier()
+
+    # 5. Rank 0 makes it durable, marks it complete and renames it into place.
+    if rank == 0:
+        _fsync_tree(tmp)
+        _write_synced(tmp / COMPLETE, f"step {step}\nconfig_hash {config_hash}\n")
+        _publish(tmp, final)
+        if keep_last_n > 0:
+            prune_checkpoints(ckpt_dir, keep_last_n)
+        log.info("saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temp folder to its final name (replacing a same-step checkpoint)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{_OLD_PREFIX}{final.name}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep_last_n: int) -> list[Path]:
+    """Delete all but the ``keep_last_n`` newest complete checkpoints; returns the deleted ones."""
+    if keep_last_n <= 0:
+        return []
+    doomed = list_checkpoints(ckpt_dir)[:-keep_last_n]
+    for path in doomed:
+        # Rename first so a crash mid-delete never leaves a half-deleted folder that looks complete.
+        trash = path.with_name(f"{_OLD_PREFIX}{path.name}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any = None,
+    lr_scheduler: Any = None,
+    ema: Any = None,
+    sampler: Stateful | None = None,
+    booster: Any = None,
+    load_rng: bool = True,
+    strict: bool = True,
+) -> LoadedCheckpoint:
+    """Restore what :func:`save_checkpoint` wrote into the given objects; every rank calls it.
+
+    Objects left as None are not restored. This rank's RNG states are restored last (when
+    ``load_rng`` and a file for this rank exists: a different world size keeps fresh streams).
+    """
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    if booster is not None:
+        booster.load_model(model, str(path / "model.pt"), strict=strict)
+        if optimizer is not None:
+            booster.load_optimizer(optimizer, str(path / "optimizer.pt"))
+    else:
+        unwrap_model(model).load_state_dict(_load(path / "model.pt"), strict=strict)
+        if optimizer is not None:
+            unwrap_optimizer(optimizer).load_state_dict(_load(path / "optimizer.pt"))
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(_load(path / "lr_scheduler.pt"))
+    if ema is not None:
+        ema.load_state_dict(_load(path / "ema.pt"))
+    state = _load(path / "trainer_state.pt")
+    if sampler is not None and state.get("sampler") is not None:
+        sampler.load_state_dict(state["sampler"])
+    if load_rng:
+        rng_file = path / "rng" / f"rank-{get_rank():05d}.pt"
+        if rng_file.is_file():
+            set_rng_states(_load(rng_file))
+        else:
+            log.warning(
+                "%s has no RNG state for rank %d (world size changed?); keeping fresh RNG", path, get_rank()
+            )
+    meta = read_meta(path)
+    return LoadedCheckpoint(
+        path, int(state["step"]), meta.get("config_hash", ""), state.get("sampler"), state.get("extra", {})
+    )
+
+
+def _load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
