@@ -28,10 +28,12 @@ def write_video(
     *,
     codec: str = "libx264",
     crf: int = 18,
+    faststart: bool = False,
 ) -> Path:
     """Write ``frames`` (T, H, W, 3) uint8 as an mp4; returns the path.
 
     ``crf`` 18 keeps small synthetic clips close to lossless; ``fps`` may be fractional.
+    ``faststart`` moves the index (moov atom) to the front, as web videos are stored.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -44,7 +46,8 @@ def write_video(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as container:
+    container_options = {"movflags": "+faststart"} if faststart else None
+    with av.open(str(path), mode="w", container_options=container_options) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width = width
         stream.height = height

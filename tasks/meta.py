@@ -1,0 +1,175 @@
+"""Stage ``meta``: probe every clip of the index for its size, frame count, rate and health.
+
+    python -m tasks.meta --input data/raw/index.csv --output data/meta/meta.parquet [--num-workers N]
+
+The output table is the input's columns plus ``num_frames, height, width, aspect_ratio,
+resolution, fps, duration, codec, status, error`` (see :mod:`opensora_core.data.probe`). Rows
+keep their order and none is dropped: a broken file gets a ``status`` other than ``ok`` and the
+``validate`` stage decides what to do with it.
+
+This CLI must start fast: it imports neither torch nor colossalai, diffusers,
+great_expectations or mlflow (MLflow logging runs in a child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from opensora_core.cli import build_parser, run_cli
+from opensora_core.config import Config, MetaConfig
+from opensora_core.data.probe import META_COLUMNS, STATUSES, probe_table
+from opensora_core.errors import InputError
+from opensora_core.tracking import log_in_subprocess
+
+DEFAULT_INPUT = "data/raw/index.csv"
+DEFAULT_OUTPUT = "data/meta/meta.parquet"
+
+
+@dataclass
+class MetaSummary:
+    """Counts of one run; ``str()`` is the stage's one-line summary."""
+
+    rows: int
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    output: str = ""
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics: rows, rows/s and one count per status."""
+        return {
+            "rows": self.rows,
+            "rows_per_s": self.rows_per_s,
+            "seconds": self.seconds,
+            **{f"status_{s}": self.counts.get(s, 0) for s in STATUSES},
+        }
+
+    def __str__(self) -> str:
+        parts = [f"{self.counts.get('ok', 0)} ok"]
+        parts += [f"{n} {s}" for s, n in self.counts.items() if s != "ok" and n]
+        return f"{self.rows} rows: {', '.join(parts)} ({self.rows_per_s:.1f} rows/s) -> {self.output}"
+
+
+def meta(
+    input_csv: str | Path,
+    output: str | Path,
+    cfg: MetaConfig,
+    *,
+    num_workers: int | None = None,
+    progress: bool | None = None,
+) -> MetaSummary:
+    """Probe every ``path`` of ``input_csv`` and write the table to ``output``.
+
+    ``output`` is parquet, or CSV when it ends in ``.csv``. ``num_workers`` and ``progress``
+    default to ``cfg``. Raises :class:`InputError` when the CSV is missing or has no ``path``.
+    """
+    workers = cfg.num_workers if num_workers is None else num_workers
+    if workers < 0:
+        raise InputError(f"--num-workers must be >= 0, got {workers}")
+    table = read_index(Path(input_csv))
+    start = time.perf_counter()
+    probed = probe_table(
+        table["path"], num_workers=workers, progress=cfg.progress if progress is None else progress
+    )
+    seconds = time.perf_counter() - start
+    carried = table.drop(columns=[c for c in META_COLUMNS if c in table.columns])
+    result = pd.concat([carried.reset_index(drop=True), probed], axis=1)
+    write_table(result, Path(output))
+    counts = Counter(result["status"])
+    return MetaSummary(
+        rows=len(result),
+        counts={s: counts.get(s, 0) for s in STATUSES},
+        seconds=seconds,
+        output=str(output),
+    )
+
+
+def read_index(path: Path) -> pd.DataFrame:
+    """The input CSV, every column carried as read; it must have a ``path`` column."""
+    if not path.is_file():
+        raise InputError(f"input CSV not found: {path}")
+    try:
+        # keep_default_na=False: a caption "NA" or "None" stays text, an empty cell stays "".
+        table = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read input CSV {path}: {exc}") from exc
+    if "path" not in table.columns:
+        raise InputError(f"input CSV {path} has no 'path' column; its columns: {', '.join(table.columns)}")
+    return table
+
+
+def write_table(table: pd.DataFrame, output: Path) -> None:
+    """Write parquet (CSV for a ``.csv`` suffix) through a temporary file, then rename."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        if output.suffix.lower() == ".csv":
+            table.to_csv(tmp, index=False)
+        else:
+            table.to_parquet(tmp, index=False)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace, cfg: Config) -> MetaSummary:
+    summary = meta(
+        args.input,
+        args.output,
+        cfg.meta,
+        num_workers=args.num_workers,
+        progress=cfg.meta.progress and not args.quiet,
+    )
+    log_in_subprocess(
+        "meta",
+        cfg.tracking,
+        {
+            "params": {
+                "input": str(args.input),
+                "output": str(args.output),
+                "num_workers": cfg.meta.num_workers if args.num_workers is None else args.num_workers,
+            },
+            "metrics": summary.metrics(),
+        },
+    )
+    return summary
+
+
+def build_meta_parser() -> argparse.ArgumentParser:
+    parser = build_parser(
+        "Probe every clip of an index CSV (no decoding) into a metadata table.", "tasks.meta"
+    )
+    parser.add_argument(
+        "--input", default=DEFAULT_INPUT, help=f"CSV with a 'path' column (default: {DEFAULT_INPUT})"
+    )
+    parser.add_argument(
+        "--output",
+        default=DEFAULT_OUTPUT,
+        help=f"parquet, or CSV if it ends in .csv (default: {DEFAULT_OUTPUT})",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="pandarallel workers, 0 = serial (default: meta.num_workers)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_meta_parser(), argv, run, name="meta")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
