@@ -43,12 +43,26 @@ def build_parser(description: str, prog: str | None = None) -> argparse.Argument
     return parser
 
 
+OWN_LOGGERS = ("opensora", "opensora_core", "tasks", "flows")
+
+
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    # Some libraries (great_expectations) set their module loggers to INFO on import, so a level
+    # on their parent logger is not enough to keep them out of the stage's output.
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS
+
+
 def setup_logging(quiet: bool = False) -> None:
+    """Our loggers at INFO (WARNING when quiet); third-party libraries only at WARNING."""
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_own_or_warning)
 
 
 def run_cli(
