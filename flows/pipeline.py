@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
     try:
+        # Fail on a bad key before a Prefect server starts or any file is written.
+        profile = [f"profile={args.profile}"] if args.profile is not None else []
+        load_config(Path(args.root) / "params.yaml", profile + args.overrides)
         summary = opensora_pipeline(
             target=args.target,
             profile=args.profile,
