@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test lint bench ui ui-prefect ui-mlflow clean
+.PHONY: setup run test lint bench ui ui-prefect ui-mlflow screenshot clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ ui-mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
 ui: ui-mlflow
+
+# Prefect UI screenshots (deployment + a completed run) in reports/; needs `apt-get install chromium`.
+screenshot: setup
+	$(BIN)/python -m flows.screenshot --out-dir reports
 
 clean:
 	rm -rf data/raw data/meta data/shards reports metrics models/vae models/diffusion .dvc/cache .dvc/tmp

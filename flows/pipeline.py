@@ -195,6 +195,7 @@ def opensora_pipeline(
 
     parent = start_parent_run(cfg, root_path)
     outcomes: list[StageOutcome] = []
+    previous: list[Any] = []
     status = "FAILED"
     try:
         for stage in stages:
@@ -205,7 +206,12 @@ def opensora_pipeline(
                 retries=cfg.flow.retries,
                 retry_delay_seconds=cfg.flow.retry_delay_s,
             )
-            outcome = runner(stage, str(root_path), force, timeout, parent)
+            # wait_for on the previous stage draws the DAG's edges in the Prefect UI.
+            state = runner(
+                stage, str(root_path), force, timeout, parent, wait_for=previous, return_state=True
+            )
+            outcome = state.result()  # raises the stage's StageFailed
+            previous = [state]
             outcomes.append(outcome)
             publish_artifacts(stage, root_path, mlflow_run_url(cfg, parent))
         status = "FINISHED"
