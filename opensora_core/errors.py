@@ -58,3 +58,11 @@ EXIT_RETRYABLE = Retryable.exit_code
 
 # Exit codes the orchestrator may retry; everything in 2..5 fails the same way twice.
 RETRYABLE_EXIT_CODES = frozenset({EXIT_RETRYABLE, -9, 137, 143, -15})
+
+
+class JobFailed(StageError):
+    """A distributed job ended with a non-zero exit code; the stage exits with the same code."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -23,28 +23,12 @@ the given frames out of the loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from opensora_core.errors import ConfigError
-
-CONDITION_TYPES = ("t2v", "i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail")
-
-
-@dataclass
-class ConditionConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {"t2v": 1.0})
-    """Condition type -> relative weight (types: t2v, i2v_head, i2v_tail, i2v_loop, v2v_head,
-    v2v_tail; missing types weigh 0). Renormalised per clip among the types its length allows."""
-    v2v_frames: int = 0
-    """Latent frames given to v2v_head / v2v_tail; 0 = half of the clip's latent frames (rounded down)."""
-
-    def __post_init__(self) -> None:
-        check_weights(self.weights)
-        if self.v2v_frames < 0:
-            raise ConfigError(f"v2v_frames must be >= 0, got {self.v2v_frames}")
+from opensora_core.config import CONDITION_TYPES
+from opensora_core.config import ConditionConfig as ConditionConfig
 
 
 class Condition(NamedTuple):
@@ -58,17 +42,6 @@ class Condition(NamedTuple):
     mask: torch.Tensor
     masked_ref: torch.Tensor
     loss_mask: torch.Tensor
-
-
-def check_weights(weights: dict[str, float]) -> None:
-    """Raise ConfigError on unknown types, negative weights or an all-zero mapping."""
-    unknown = [k for k in weights if k not in CONDITION_TYPES]
-    if unknown:
-        raise ConfigError(f"unknown condition type {unknown[0]!r}; valid types: {', '.join(CONDITION_TYPES)}")
-    if any(w < 0 for w in weights.values()):
-        raise ConfigError(f"condition weights must be >= 0, got {weights}")
-    if not any(w > 0 for w in weights.values()):
-        raise ConfigError(f"at least one condition weight must be > 0, got {weights}")
 
 
 def get_condition_frames(cond_type: str, num_frames: int, v2v_frames: int = 0) -> list[int]:

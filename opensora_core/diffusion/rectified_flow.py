@@ -20,39 +20,10 @@ spent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from opensora_core.errors import ConfigError
-
-
-@dataclass
-class RectifiedFlowConfig:
-    logit_mean: float = 0.0
-    """Mean of the normal whose sigmoid gives the training times (0: median t = 0.5 before shifting)."""
-    logit_std: float = 1.0
-    """Standard deviation of that normal."""
-    sigma_min: float = 1e-5
-    """Data weight left at t = 1: x_t = (1 - (1 - sigma_min) t) x0 + t noise, so x_1 = sigma_min x0 + noise."""
-    use_shift: bool = True
-    """Shift times towards noise with the resolution and length of the latents (training and sampling)."""
-    shift_scale: float = 1.0
-    """Constant factor of the shift s (multiplies the token and frame terms)."""
-    base_tokens: int = 256
-    """Spatial tokens per latent frame at which the token term of the shift is 1."""
-    base_frames: int = 1
-    """Latent frames at which the frame term of the shift is 1."""
-
-    def __post_init__(self) -> None:
-        if self.logit_std <= 0:
-            raise ConfigError(f"logit_std must be > 0, got {self.logit_std}")
-        if not 0.0 <= self.sigma_min < 1.0:
-            raise ConfigError(f"sigma_min must be in [0, 1), got {self.sigma_min}")
-        if self.shift_scale <= 0:
-            raise ConfigError(f"shift_scale must be > 0, got {self.shift_scale}")
-        if self.base_tokens < 1 or self.base_frames < 1:
-            raise ConfigError("base_tokens and base_frames must be >= 1")
+from opensora_core.config import RectifiedFlowConfig
 
 
 # --------------------------------------------------------------------------------------------

