@@ -236,5 +236,8 @@ def build_dataloader(
         collate_fn=collate_samples,
         pin_memory=pin_memory,
         persistent_workers=False,
+        # Its own generator: starting a pass must not draw from the global RNG, or a resumed
+        # run (which starts a pass where the uninterrupted one did not) would diverge.
+        generator=torch.Generator().manual_seed(0),
         **extra,
     )
