@@ -243,25 +243,23 @@ def summarize(
 def start_parent_run(cfg: Config, root: Path) -> str | None:
     if not cfg.tracking.enabled:
         return None
-    from mlflow.tracking import MlflowClient
-
-    from opensora_core.tracking import get_experiment_id, git_commit
+    from opensora_core.tracking import get_client, get_experiment_id, git_commit
 
     exp_id = get_experiment_id(cfg.tracking, root)
     tags = {"stage": "pipeline", "profile": cfg.profile or "default"}
     commit = git_commit(root)
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    run = MlflowClient().create_run(exp_id, run_name="pipeline", tags=tags)
+    run = get_client(cfg.tracking).create_run(exp_id, run_name="pipeline", tags=tags)
     return run.info.run_id
 
 
 def end_parent_run(cfg: Config, run_id: str | None, status: str, summary: dict[str, Any]) -> None:
     if not run_id:
         return
-    from mlflow.tracking import MlflowClient
+    from opensora_core.tracking import get_client
 
-    client = MlflowClient()
+    client = get_client(cfg.tracking)
     for o in summary["stages"]:
         client.log_metric(run_id, f"seconds_{o['stage']}", o["seconds"])
     client.log_metric(run_id, "wall_seconds", summary["wall_seconds"])

@@ -135,13 +135,18 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
 
 
-def get_experiment_id(cfg: TrackingConfig, root: Path | None = None) -> str:
-    """The experiment's id, creating it with its artifact location on first use."""
-    import mlflow
+def get_client(cfg: TrackingConfig) -> Any:
+    """An MlflowClient on the configured store (never the global tracking URI, which
+    ``mlflow.set_tracking_uri`` also exports to the environment of every later process)."""
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    client = MlflowClient()
+    uri = tracking_uri(cfg)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def get_experiment_id(cfg: TrackingConfig, root: Path | None = None) -> str:
+    """The experiment's id, creating it with its artifact location on first use."""
+    client = get_client(cfg)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
@@ -170,10 +175,8 @@ def start_stage_run(
     if not cfg.enabled or rank != 0:
         yield NullRun()
         return
-    from mlflow.tracking import MlflowClient
-
     exp_id = get_experiment_id(cfg, root)
-    client = MlflowClient()
+    client = get_client(cfg)
     run_tags = {"stage": stage, "mlflow.runName": stage, **{k: str(v) for k, v in (tags or {}).items()}}
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:

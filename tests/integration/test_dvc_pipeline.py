@@ -20,7 +20,7 @@ def test_data_stages_produce_their_outputs(project, pipeline_run) -> None:
     assert (meta["status"] == "ok").all()
     clean = pd.read_parquet(root / "data/meta/clean.parquet")
     manifest = json.loads((root / "data/shards/manifest.json").read_text())
-    assert sum(manifest["rows_by_split"].values()) == len(clean)
+    assert sum(manifest["rows_per_split"].values()) == len(clean)
     shard_rows = sum(len(pd.read_parquet(root / "data/shards" / s["file"])) for s in manifest["shards"])
     assert shard_rows == len(clean)
     report = json.loads((root / "reports/validation.json").read_text())

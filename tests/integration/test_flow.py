@@ -32,11 +32,9 @@ def test_second_run_skips_every_stage(project, prefect_server, pipeline_run) -> 
 
 
 def test_stage_runs_nest_under_the_pipeline_run(project, pipeline_run) -> None:
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(project.env["MLFLOW_TRACKING_URI"])
-    client = MlflowClient()
+    client = MlflowClient(project.env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("opensora")
     assert Path(exp.artifact_location.removeprefix("file://")) == project.root / "mlartifacts"
     parent = pipeline_run["summary"]["mlflow_run_id"]
@@ -102,3 +100,47 @@ def test_bad_override_key_fails_before_any_stage(tmp_path: Path) -> None:
     assert "unknown key 'shard.rows_per_shrad'" in proc.stderr
     assert (project.root / "params/ci.yaml").read_text() == before
     assert "Running stage" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_killed_training_is_retried_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    import sys
+
+    import psutil
+
+    from tests.integration.conftest import wait_until
+
+    project = make_project_copy(tmp_path / "repo")
+    root = project.root
+    overrides = [
+        "vae_train.steps=40",
+        "vae_train.ckpt_every=4",
+        "vae_train.sample_every=0",
+        "vae_train.val_clips=2",
+        "vae_train.buckets={32px: {9: [1.0, 2]}}",
+    ]
+    cmd = [sys.executable, "-m", "flows.pipeline", "--target", "vae_train"]
+    for item in overrides:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    wait_until(lambda: (root / "models/vae/ckpt/step-00000004/COMPLETE").is_file(), 600, "a checkpoint", proc)
+    killed = 0
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if (
+            "opensora_core.jobs.train_vae" in line
+            and "torch.distributed.run" not in line
+            and str(root) in str(p.cwd())
+        ):
+            p.kill()
+            killed += 1
+    assert killed == 1
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-5000:]
+    attempts = re.findall(r"Task run 'vae_train[^']*' - \[vae_train\] Running stage 'vae_train'", output)
+    assert len(attempts) == 2, output[-5000:]  # the killed attempt and its retry
+    assert "exited with 75" in output
+    assert re.search(r"resumed from models/vae/ckpt/step-0000000[4-9]", output), output[-5000:]
+    assert "40 steps to step 40" not in output  # the retry did not start from step 0
