@@ -212,7 +212,7 @@ class VaeTrainer:
             d_terms = self.loss_fn.discriminator_loss(self.disc, x, recon.detach())
             self.booster.backward(d_terms["d_loss"], self.disc_opt)
             self.disc_opt.step()
-            metrics.update({k: float(v) for k, v in d_terms.items()})
+            metrics.update({k: float(v.detach()) for k, v in d_terms.items()})
         metrics["lr"] = float(self.lr_scheduler.get_last_lr()[0])
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
