@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -32,6 +33,9 @@ from opensora_core.config import Config, load_config, parse_overrides, resolve_p
 from opensora_core.errors import ConfigError
 from opensora_core.process import run_process_group, venv_env
 from opensora_core.tracking import PARENT_RUN_ENV
+
+PROGRESS_BAR = re.compile(r"\d+%\|")
+PROGRESS_EVERY_S = 10.0
 
 
 class StageFailed(Exception):
@@ -75,9 +79,16 @@ def run_stage(stage: str, root: str, force: bool, timeout_s: int, parent_run_id:
     if force:
         cmd.append("--force")
     lines: deque[str] = deque(maxlen=400)
+    last_bar = [0.0]
 
     def on_line(line: str) -> None:
         lines.append(line)
+        # Progress bars redraw many times a second: keep one refresh in PROGRESS_EVERY_S, and the end.
+        if PROGRESS_BAR.search(line) and "100%|" not in line:
+            now = time.monotonic()
+            if now - last_bar[0] < PROGRESS_EVERY_S:
+                return
+            last_bar[0] = now
         logger.info("[%s] %s", stage, line)
 
     result = run_process_group(cmd, env=env, cwd=root, timeout_s=timeout_s, on_line=on_line)
