@@ -120,12 +120,16 @@ def resolve_model(spec: str, tracking_uri: str | None = None) -> ModelSource:
 
 
 def _client(tracking_uri: str | None) -> Any:
+    """A client on ``tracking_uri`` for both runs and the registry; the global URIs follow it, so
+    a later ``mlflow.pyfunc.load_model("models:/...")`` reads the same store."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient()
+        mlflow.set_registry_uri(tracking_uri)
+    uri = mlflow.get_tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=tracking_uri or mlflow.get_registry_uri())
 
 
 def _check_registry_uri(uri: str, tracking_uri: str | None) -> str:
