@@ -8,7 +8,8 @@ Writes under ``root``::
                                                          mmdit_config.json, config.json, text_encoder.json
 
 The MMDiT gets small random weights everywhere (its default init predicts zero velocity), so
-samples depend on the prompt, the seed and the reference.
+samples depend on the prompt, the seed and the reference. :func:`write_eval_project` adds the
+data the evaluate stage reads: MovingShapes clips (``data/raw/``) and their shards (``data/shards/``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from opensora_core.config import Config
+from opensora_core.config import Config, IngestConfig, ShardConfig
+from opensora_core.data.shards import write_shards
 from opensora_core.models.mmdit.model import build_mmdit
 from opensora_core.models.text.encoders import TextEncoderConfig
 from opensora_core.models.vae.model import VaeModelConfig, build_vae
@@ -58,3 +60,22 @@ def write_tiny_models(
     config["diffusion"]["stages"] = {stage: {"steps": 1, "lr": 1e-4, "buckets": BUCKETS}}
     (final / "config.json").write_text(json.dumps(config))
     return {"vae": vae_dir, "latent_stats": stats, "diffusion": final}
+
+
+def write_eval_project(root: Path) -> dict[str, Path]:
+    """A project folder the evaluate stage runs in: 16 clips and 2 stills (2 held-out label
+    combinations), shards of 8 rows, and the tiny models of :func:`write_tiny_models`."""
+    import pandas as pd
+
+    from tasks.ingest import ingest
+
+    ingest(
+        IngestConfig(num_clips=16, num_stills=2, val_combos=2, num_frames=[9]),
+        root / "data/raw",
+        root,
+        progress=False,
+    )
+    labels = pd.read_parquet(root / "data/raw/labels.parquet")
+    table = labels[["path", "text", "split", "num_frames", "height", "width", "fps"]]
+    write_shards(table, root / "data/shards", ShardConfig(rows_per_shard=8), source="labels", progress=False)
+    return write_tiny_models(root)

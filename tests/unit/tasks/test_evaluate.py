@@ -10,13 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opensora_core.config import Config, IngestConfig, ShardConfig, load_config
-from opensora_core.data.shards import write_shards
+from opensora_core.config import Config, load_config
 from opensora_core.data.video_io import read_video
 from opensora_core.errors import InputError
-from tasks.evaluate import evaluate, make_grid
-from tasks.ingest import ingest
-from tests.unit.tasks._tiny_t2v import write_tiny_models
+from opensora_core.jobs.evaluate import evaluate, make_grid
+from tests.unit.tasks._tiny_t2v import write_eval_project
 
 ROOT = Path(__file__).resolve().parents[3]
 DESIGN_KEYS = {
@@ -36,17 +34,7 @@ DESIGN_KEYS = {
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
-    ingest(
-        IngestConfig(num_clips=16, num_stills=2, val_combos=2, num_frames=[9]),
-        root / "data/raw",
-        root,
-        progress=False,
-    )
-    labels = pd.read_parquet(root / "data/raw/labels.parquet")
-    table = labels[["path", "text", "split", "num_frames", "height", "width", "fps"]]
-    write_shards(table, root / "data/shards", ShardConfig(rows_per_shard=8), source="labels", progress=False)
-    models = write_tiny_models(root)
-    return root, models
+    return root, write_eval_project(root)
 
 
 def run(root, models, tag: str, cfg: Config) -> dict:
