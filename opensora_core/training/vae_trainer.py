@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from opensora_core.config import Config, VaeTrainConfig
@@ -58,6 +59,7 @@ RUN_EXCLUDE = (
     "vae_train.val_clips",
     "vae_train.num_workers",
     "vae_train.prefetch_factor",
+    "vae_train.num_threads",
 )
 
 
@@ -75,7 +77,11 @@ class VaePaths:
 # build_*
 # --------------------------------------------------------------------------------------------
 def build_model(cfg: VaeTrainConfig) -> VideoAutoencoder:
-    return build_vae(VaeModelConfig(family=cfg.family, size=cfg.size, pretrained_path=cfg.pretrained_path))
+    return build_vae(
+        VaeModelConfig(
+            family=cfg.family, size=cfg.size, pretrained_path=cfg.pretrained_path, shortcut=cfg.shortcut
+        )
+    )
 
 
 def build_loss(cfg: VaeTrainConfig) -> VaeLoss:
@@ -182,8 +188,8 @@ class VaeTrainer:
     # ---- one step ----------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One optimiser step on a batch ``video`` (B, C, T, H, W) in [-1, 1]; returns its metrics."""
-        x = batch["video"].to(self.device, non_blocking=True)
-        recon, mean, logvar = self.model(x)
+        x = self.prepare_video(batch["video"])
+        recon, mean, logvar = self.model(x, sample_posterior=self.tcfg.sample_posterior)
         use_gan = self.disc is not None and self.loss_fn.gan_active(self.step)
         terms = self.loss_fn(
             x,
@@ -194,7 +200,9 @@ class VaeTrainer:
             discriminator=self.disc if use_gan else None,
             last_layer=self.vae.last_layer_weight if use_gan else None,
         )
-        loss = terms["loss"]
+        terms["mse"] = F.mse_loss(recon.float(), x.float())
+        loss = terms["loss"] + self.tcfg.mse_weight * terms["mse"] if self.tcfg.mse_weight else terms["loss"]
+        terms["loss"] = loss
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLoss(
                 f"vae_train: loss is {loss.item()} at step {self.step + 1} "
@@ -218,6 +226,24 @@ class VaeTrainer:
             metrics["grad_norm"] = grad_norm
         self.step += 1
         return metrics
+
+    def prepare_video(self, video: torch.Tensor) -> torch.Tensor:
+        """A batch (B, C, T, H, W) on the device, randomly cropped to ``crop_size`` when set.
+
+        Crop offsets depend on (seed, rank, step) only, so a resumed run cuts the same crops.
+        """
+        size = self.tcfg.crop_size
+        h, w = video.shape[-2:]
+        if size and (h > size or w > size):
+            gen = torch.Generator().manual_seed(
+                (self.tcfg.seed * 1_000_003 + self.info.rank) * 10_007 + self.step
+            )
+            tops = torch.randint(0, max(h - size, 0) + 1, (video.shape[0],), generator=gen).tolist()
+            lefts = torch.randint(0, max(w - size, 0) + 1, (video.shape[0],), generator=gen).tolist()
+            video = torch.stack(
+                [v[..., t : t + size, left : left + size] for v, t, left in zip(video, tops, lefts)]
+            )
+        return video.to(self.device, non_blocking=True)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -348,8 +374,15 @@ def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
             writer.writerow({k: row.get(k, "") for k in keys})
 
 
+def maybe_set_num_threads(num_threads: int) -> None:
+    """Pin torch's intra-op threads per rank (0 leaves OMP_NUM_THREADS or torch's default)."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
 def train_vae(cfg: Config, paths: VaePaths, info: DistInfo) -> dict[str, Any]:
     """Train (or resume), write the final folder, reconstruct val clips; the stage's summary."""
+    maybe_set_num_threads(cfg.vae_train.num_threads)
     from opensora_core.evaluation.reconstruction import reconstruction_metrics
 
     with start_stage_run(

@@ -64,6 +64,7 @@ def test_missing_profile_names_known_ones(tmp_path: Path) -> None:
         ("meta.progress=3", r"meta.progress must be true or false"),
         ("ingest.source=ftp", r"ingest.source must be synthetic, folder or csv"),
         ("ingest", r"--set expects section.key=value"),
+        ("vae_train.crop_size=20", r"vae_train: crop_size must be a multiple of 8"),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path: Path, override: str, message: str) -> None:
@@ -119,3 +120,9 @@ def test_every_field_is_documented() -> None:
         section = getattr(Config(), f.name)
         if dataclasses.is_dataclass(section):
             walk(type(section))
+
+
+def test_vae_shortcut_refuses_pretrained_weights(tmp_path: Path) -> None:
+    path = write_params(tmp_path, {"vae_train": {"shortcut": True, "pretrained_path": "/models/wan"}})
+    with pytest.raises(ConfigError, match=r"vae_train.shortcut is for training from scratch.*/models/wan"):
+        load_config(path)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from opensora_core.errors import ConfigError, InputError
+from opensora_core.models.vae.shortcut import LatentShortcut
 
 FAMILIES: dict[str, type[nn.Module]] = {"wan": AutoencoderKLWan, "hunyuan": AutoencoderKLHunyuanVideo}
 """Family name -> diffusers model class."""
@@ -76,6 +77,10 @@ class VaeModelConfig:
     pretrained_path: str = ""
     """A local folder in diffusers format (``config.json`` + weights) to initialise from, for
     fine-tuning; its architecture replaces the size's. Empty = random initialisation."""
+    shortcut: bool = False
+    """Add the parameter-free latent shortcut (see :mod:`~opensora_core.models.vae.shortcut`) and
+    zero-initialise the decoder's output convolution, so the network learns a residual over a
+    blurred copy of the video. For training from scratch; a pretrained VAE was trained without it."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -83,6 +88,11 @@ class VaeModelConfig:
         if self.size not in VAE_SIZES[self.family]:
             sizes = ", ".join(VAE_SIZES[self.family])
             raise ConfigError(f"vae size {self.size!r} is not a {self.family} size; known: {sizes}")
+        if self.shortcut and self.pretrained_path:
+            raise ConfigError(
+                "the latent shortcut is for training from scratch: a pretrained VAE "
+                f"({self.pretrained_path}) was trained without it"
+            )
 
 
 def get_vae_config(family: str, size: str) -> dict[str, Any]:
@@ -101,7 +111,17 @@ def build_vae(cfg: VaeModelConfig) -> VideoAutoencoder:
         vae = model_cls.from_pretrained(path, local_files_only=True)
     else:
         vae = model_cls(**get_vae_config(cfg.family, cfg.size))
-    return VideoAutoencoder(vae, cfg)
+    model = VideoAutoencoder(vae, cfg)
+    if cfg.shortcut:
+        # The learned paths start at zero: the posterior mean is the shortcut's window means and
+        # the untrained model returns the shortcut's blurred video.
+        with torch.no_grad():
+            mean_rows = vae.quant_conv.weight.shape[0] // 2  # quant_conv emits [mean, logvar]
+            vae.quant_conv.weight[:mean_rows] = 0.0
+            vae.quant_conv.bias[:mean_rows] = 0.0
+            model.last_layer.weight.zero_()
+            model.last_layer.bias.zero_()
+    return model
 
 
 class VideoAutoencoder(nn.Module):
@@ -121,6 +141,9 @@ class VideoAutoencoder(nn.Module):
             vae.use_framewise_encoding = False
             vae.use_framewise_decoding = False
         channels = self.latent_channels
+        self.shortcut = (
+            LatentShortcut(self.spatial_factor, self.temporal_factor, channels) if config.shortcut else None
+        )
         self.register_buffer("latent_mean", torch.zeros(channels))
         self.register_buffer("latent_std", torch.ones(channels))
         self.register_buffer("latent_scale", torch.tensor(1.0))
@@ -149,10 +172,15 @@ class VideoAutoencoder(nn.Module):
         return int(cfg.z_dim if self.config.family == "wan" else cfg.latent_channels)
 
     @property
+    def last_layer(self) -> nn.Conv3d:
+        """The decoder's output convolution."""
+        conv = self.vae.decoder.conv_out
+        return conv if isinstance(conv, nn.Conv3d) else conv.conv
+
+    @property
     def last_layer_weight(self) -> nn.Parameter:
         """Weight of the decoder's output convolution (for the adaptive GAN weight)."""
-        conv = self.vae.decoder.conv_out
-        return conv.weight if isinstance(conv, nn.Conv3d) else conv.conv.weight
+        return self.last_layer.weight
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """``(C, T', H', W')`` of the latents of a ``(T, H, W)`` clip; raises ValueError if not encodable."""
@@ -174,9 +202,19 @@ class VideoAutoencoder(nn.Module):
 
     # ---- training ------------------------------------------------------------------------
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """The diagonal Gaussian posterior q(z | x) of ``x`` ``(B, C, T, H, W)``."""
+        """The diagonal Gaussian posterior q(z | x) of ``x`` ``(B, C, T, H, W)`` (its mean includes
+        the latent shortcut when the model has one)."""
         self._check_video(x)
-        return self.vae.encode(x).latent_dist
+        posterior = self.vae.encode(x).latent_dist
+        if self.shortcut is None:
+            return posterior
+        mean = self.shortcut.add_to_latents(posterior.mean, x)
+        return DiagonalGaussianDistribution(torch.cat([mean, posterior.logvar], dim=1))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output ``(B, C, T, H, W)`` (unclamped), plus the shortcut's when present."""
+        out = self.vae.decode(z).sample
+        return out if self.shortcut is None else out + self.shortcut.up(z).to(out.dtype)
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True
@@ -190,7 +228,7 @@ class VideoAutoencoder(nn.Module):
         """
         posterior = self.posterior(x)
         z = posterior.sample() if sample_posterior else posterior.mode()
-        recon = self.vae.decode(z).sample
+        recon = self._decode(z)
         return recon, posterior.mean, posterior.logvar
 
     # ---- inference -----------------------------------------------------------------------
@@ -205,7 +243,7 @@ class VideoAutoencoder(nn.Module):
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         """Video ``(B, C, T, H, W)`` in ``[-1, 1]`` from unscaled latents ``(B, C', T', H', W')``."""
-        return self.vae.decode(z).sample.clamp(-1.0, 1.0)
+        return self._decode(z).clamp(-1.0, 1.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Video ``(B, C, T, H, W)`` in ``[-1, 1]`` from latents made by :meth:`encode`."""

@@ -158,6 +158,38 @@ def test_resume_hash_ignores_other_stages_and_run_length(shards) -> None:
     assert resume_config_hash(resolved_config(changed, reader), RUN_EXCLUDE) != first
 
 
+def test_random_crops_depend_on_seed_rank_and_step_only(tmp_path, shards, dist) -> None:
+    trainer = VaeTrainer(micro_config(crop_size=16), paths_in(tmp_path, shards), dist)
+    video = fixed_batch(trainer)["video"]
+    first = trainer.prepare_video(video)
+    assert first.shape == (2, 3, 9, 16, 16)
+    assert torch.equal(first, trainer.prepare_video(video))  # same step: same crops
+    # Each crop is a window of its clip (found by exhaustive search over the offsets).
+    for clip, crop in zip(video, first):
+        windows = [clip[..., t : t + 16, s : s + 16] for t in range(17) for s in range(17)]
+        assert any(torch.equal(crop, w) for w in windows)
+    crops = set()
+    for step in range(6):
+        trainer.step = step
+        crops.add(trainer.prepare_video(video)[0, 0, 0, 0, :4].sum().item())
+    assert len(crops) > 1  # other steps, other offsets
+    assert torch.equal(
+        VaeTrainer(micro_config(), paths_in(tmp_path, shards), dist).prepare_video(video), video
+    )
+
+
+def test_mse_term_enters_the_loss_with_its_weight(tmp_path, shards, dist) -> None:
+    torch.manual_seed(0)
+    with_mse = VaeTrainer(micro_config(mse_weight=10.0), paths_in(tmp_path / "a", shards), dist)
+    batch = fixed_batch(with_mse)
+    terms = with_mse.train_step(batch)
+    rec = terms["l1"] + with_mse.tcfg.kl_weight * terms["kl"]
+    assert terms["loss"] == pytest.approx(rec + 10.0 * terms["mse"], rel=1e-5)
+    without = VaeTrainer(micro_config(mse_weight=0.0), paths_in(tmp_path / "b", shards), dist)
+    terms = without.train_step(batch)
+    assert terms["loss"] == pytest.approx(terms["l1"] + without.tcfg.kl_weight * terms["kl"], rel=1e-5)
+
+
 def test_a_nan_batch_stops_with_non_finite_loss(tmp_path, shards, dist) -> None:
     trainer = VaeTrainer(micro_config(), paths_in(tmp_path, shards), dist)
     batch = fixed_batch(trainer)

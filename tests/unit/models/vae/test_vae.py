@@ -152,7 +152,7 @@ def test_save_load_round_trip(tmp_path, family):
     weights = vae.save(tmp_path / "final", name="ema")
     assert weights.name == "ema.safetensors"
     meta = json.loads((tmp_path / "final" / "ema.json").read_text())
-    assert meta["model"] == {"family": family, "size": "tiny", "pretrained_path": ""}
+    assert meta["model"] == {"family": family, "size": "tiny", "pretrained_path": "", "shortcut": False}
     loaded = VideoAutoencoder.load(tmp_path / "final", name="ema")
     for key, value in vae.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
