@@ -371,7 +371,8 @@ class RectifiedFlowConfig:
     shift_scale: float = 1.0
     """Constant factor of the shift s (multiplies the token and frame terms)."""
     base_tokens: int = 256
-    """Spatial tokens per latent frame at which the token term of the shift is 1."""
+    """Spatial tokens per latent frame at which the token term of the shift is 1: at most the
+    smallest training shape's count, or the shift drops below 1 and high noise goes untrained."""
     base_frames: int = 1
     """Latent frames at which the frame term of the shift is 1."""
 
