@@ -405,3 +405,45 @@ def load_checkpoint(
 
 def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class CheckpointedTrainer:
+    """Save and restore of a trainer's state in this module's format, shared by the trainers.
+
+    A subclass sets ``model``, ``optimizer``, ``lr_scheduler``, ``ema``, ``loader`` (the stateful
+    batch source), ``booster``, ``step``, ``resolved`` (its resolved config) and ``config_hash``.
+    """
+
+    model: Any
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    loader: Any
+    booster: Any
+    step: int
+    resolved: Any
+    config_hash: str
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """The objects a checkpoint holds, as the keyword arguments of save/load_checkpoint (a
+        part the trainer has not built yet is None)."""
+        names = {"model": "model", "optimizer": "optimizer", "lr_scheduler": "lr_scheduler"}
+        names |= {"ema": "ema", "sampler": "loader", "booster": "booster"}
+        return {key: getattr(self, attr, None) for key, attr in names.items()}
+
+    def save_state(self, ckpt_dir: str | Path, extra: Mapping[str, Any], keep_last_n: int) -> Path:
+        """:func:`save_checkpoint` of every part at ``self.step``; every rank calls it."""
+        return save_checkpoint(
+            ckpt_dir,
+            self.step,
+            **self.checkpoint_parts(),
+            config=self.resolved,
+            config_hash=self.config_hash,
+            extra=extra,
+            keep_last_n=keep_last_n,
+        )
+
+    def load_state(self, path: str | Path, **overrides: Any) -> LoadedCheckpoint:
+        """:func:`load_checkpoint` into every part; ``overrides`` replace parts (None skips one)
+        or set ``load_rng`` / ``strict``."""
+        return load_checkpoint(path, **{**self.checkpoint_parts(), **overrides})

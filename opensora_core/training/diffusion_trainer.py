@@ -67,11 +67,10 @@ from opensora_core.models.text.encoders import (
 from opensora_core.tracking import NullRun, start_stage_run
 from opensora_core.training.checkpoint import (
     RESUME_EXCLUDE,
+    CheckpointedTrainer,
     find_resume_checkpoint,
     is_complete,
-    load_checkpoint,
     resume_config_hash,
-    save_checkpoint,
 )
 from opensora_core.training.ema import EMA
 from opensora_core.training.latent_cache import (
@@ -508,7 +507,7 @@ class MetricWindow:
         return out
 
 
-class DiffusionTrainer:
+class DiffusionTrainer(CheckpointedTrainer):
     """One stage's training: the frozen encoders, the data, the boosted MMDiT, its state and the loop."""
 
     def __init__(
@@ -634,25 +633,17 @@ class DiffusionTrainer:
     def _restore(self) -> None:
         """Resume the matching checkpoint, or apply ``--load`` of a checkpoint folder."""
         if self.resume_path is not None:
-            loaded = load_checkpoint(
-                self.resume_path,
-                model=self.model,
-                optimizer=self.optimizer,
-                ema=self.ema,
-                sampler=self.loader,
-                booster=self.booster,
-            )
+            # The scheduler is rebuilt from the step and the warmup start, not loaded.
+            loaded = self.load_state(self.resume_path, lr_scheduler=None)
             self.resumed_from = str(self.resume_path)
         elif self.load.path and is_complete(self.load.path):
             keep_step = not self.load.reset_step
             load_optimizer = self.load.optimizer is not False
-            loaded = load_checkpoint(
+            loaded = self.load_state(
                 self.load.path,
-                model=self.model,
+                lr_scheduler=None,
                 optimizer=self.optimizer if load_optimizer else None,
-                ema=self.ema,
                 sampler=self.loader if keep_step else None,
-                booster=self.booster,
                 load_rng=keep_step,
             )
             log.info(
@@ -811,20 +802,7 @@ class DiffusionTrainer:
             "history": self.history,
             "warmup_start": self.warmup_start,
         }
-        return save_checkpoint(
-            self.paths.ckpt(self.stage),
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler,
-            ema=self.ema,
-            sampler=self.loader,
-            booster=self.booster,
-            config=self.resolved,
-            config_hash=self.config_hash,
-            extra=extra,
-            keep_last_n=self.dcfg.keep_last_n,
-        )
+        return self.save_state(self.paths.ckpt(self.stage), extra, self.dcfg.keep_last_n)
 
     def _log(self, window: MetricWindow) -> None:
         metrics = window.reduce(self.device)

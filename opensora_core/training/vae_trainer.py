@@ -38,10 +38,9 @@ from opensora_core.models.vae.discriminator import PatchDiscriminator3D
 from opensora_core.models.vae.losses import LPIPS, VaeLoss
 from opensora_core.tracking import NullRun, start_stage_run
 from opensora_core.training.checkpoint import (
+    CheckpointedTrainer,
     find_resume_checkpoint,
-    load_checkpoint,
     resume_config_hash,
-    save_checkpoint,
 )
 from opensora_core.training.ema import EMA
 from opensora_core.training.lr_schedule import build_lr_scheduler
@@ -117,7 +116,7 @@ def resolved_config(cfg: Config, reader: ShardReader) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
-class VaeTrainer:
+class VaeTrainer(CheckpointedTrainer):
     """The boosted VAE (and discriminator), their optimizers, the data and the loop."""
 
     def __init__(self, cfg: Config, paths: VaePaths, info: DistInfo, run: NullRun | None = None) -> None:
@@ -169,15 +168,7 @@ class VaeTrainer:
         self.run.set_tags({"resume": reason[:250]})
         if path is None:
             return ""
-        loaded = load_checkpoint(
-            path,
-            model=self.model,
-            optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler,
-            ema=self.ema,
-            sampler=self.loader,
-            booster=self.booster,
-        )
+        loaded = self.load_state(path)
         self.step = loaded.step
         self.history = list(loaded.extra.get("history", []))
         if self.disc is not None and "disc" in loaded.extra:
@@ -290,20 +281,7 @@ class VaeTrainer:
         if self.disc is not None:
             extra["disc"] = unwrap_model(self.disc).state_dict()
             extra["disc_opt"] = self.disc_opt.unwrap().state_dict()
-        return save_checkpoint(
-            self.paths.ckpt,
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler,
-            ema=self.ema,
-            sampler=self.loader,
-            booster=self.booster,
-            config=self.resolved,
-            config_hash=self.config_hash,
-            extra=extra,
-            keep_last_n=self.tcfg.keep_last_n,
-        )
+        return self.save_state(self.paths.ckpt, extra, self.tcfg.keep_last_n)
 
     @torch.no_grad()
     def log_reconstruction(self, video: torch.Tensor, name: str | None = None) -> Path:
