@@ -316,7 +316,7 @@ def write_samples(
 ) -> list[Path]:
     """Each video as ``NNNN_<slug>.mp4`` (PNG for stills) with a ``.txt`` of prompt, seed and settings."""
     # The sample CLI's writer: evaluation samples are named and described like users' samples.
-    from tasks.sample import save_output
+    from opensora_core.outputs import save_output
 
     return [
         save_output(out_dir, i, text, seed, frames, fps, settings)

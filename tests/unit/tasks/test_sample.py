@@ -12,6 +12,7 @@ from opensora_core.diffusion.conditions import CONDITION_TYPES
 from opensora_core.diffusion.sampling import SamplingOptions
 from opensora_core.errors import InputError
 from opensora_core.inference import T2VPipeline, VideoSpec, prepare_reference, resolve_model
+from opensora_core.outputs import SLUG_MAX, slugify
 from tasks import sample as sample_task
 from tests.unit.tasks._tiny_t2v import write_tiny_models
 
@@ -83,10 +84,10 @@ def test_bundle_round_trip_generates_the_same(pipeline, tmp_path) -> None:
 
 
 def test_slugs_are_safe_file_names() -> None:
-    assert sample_task.slugify("A red/blue circle: moves *left*!") == "a-red-blue-circle-moves-left"
-    assert sample_task.slugify("../../etc/passwd") == "etc-passwd"
-    assert sample_task.slugify("日本語 ✨") == "prompt"
-    assert len(sample_task.slugify("x " * 200)) <= sample_task.SLUG_MAX
+    assert slugify("A red/blue circle: moves *left*!") == "a-red-blue-circle-moves-left"
+    assert slugify("../../etc/passwd") == "etc-passwd"
+    assert slugify("日本語 ✨") == "prompt"
+    assert len(slugify("x " * 200)) <= SLUG_MAX
 
 
 def test_outputs_get_seed_plus_index() -> None:
