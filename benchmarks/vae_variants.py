@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--write", action="store_true", help="print a Markdown table at the end")
     args = parser.parse_args()
+    for name in args.variants.split(","):
+        parse_variant(name)  # a typo fails before minutes of loading and training
     torch.set_num_threads(1)
     train, vals = load_clips(Path(args.shards), "train"), load_clips(Path(args.shards), "val")
     vals = [clip_tensor(((v.permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy(), 8, 4) for v in vals]

@@ -226,9 +226,6 @@ class VaeTrainConfig:
     """DataLoader workers (0 = decode in the training process)."""
     prefetch_factor: int = 2
     """Batches prefetched per DataLoader worker."""
-    num_threads: int = 0
-    """torch intra-op threads per rank (0 = OMP_NUM_THREADS or torch's default). On a shared
-    2-core machine 1 is several times faster than 2 once anything else runs."""
     seed: int = 0
     """Seed of initialisation, sampling and crops."""
     log_every: int = 10
@@ -261,10 +258,8 @@ class VaeTrainConfig:
             raise ConfigError("vae_train.lpips_weight > 0 needs vae_train.lpips_path (local weights)")
         if min(self.ckpt_every, self.log_every, self.disc_every) < 1 or self.keep_last_n < 1:
             raise ConfigError("vae_train: ckpt_every, log_every, disc_every and keep_last_n must be >= 1")
-        if self.crop_size < 0 or self.crop_size % 8 or self.num_threads < 0 or self.mse_weight < 0:
-            raise ConfigError(
-                "vae_train: crop_size must be a multiple of 8 (or 0); num_threads and mse_weight >= 0"
-            )
+        if self.crop_size < 0 or self.crop_size % 8 or self.mse_weight < 0:
+            raise ConfigError("vae_train: crop_size must be a multiple of 8 (or 0); mse_weight >= 0")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config, config_hash
 from opensora_core.errors import GateFailed, InputError
 from opensora_core.tracking import git_commit, start_stage_run, tracking_uri
-from tasks.evaluate import DEFAULT_MODELS, default_stage
+from tasks.evaluate import model_dir_of
 
 
 def data_manifest_hash(manifest_path: Path) -> str:
@@ -115,8 +115,7 @@ def register(
 
 
 def stage(args: argparse.Namespace, cfg: Config) -> str:
-    name = args.stage or default_stage(cfg)
-    model_dir = Path(args.model) if args.model else DEFAULT_MODELS / "diffusion" / name / "final"
+    model_dir = model_dir_of(args, cfg)
     record = register(
         cfg,
         model_dir,

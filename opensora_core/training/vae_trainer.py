@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from opensora_core.config import Config, VaeTrainConfig
@@ -58,7 +57,6 @@ RUN_EXCLUDE = (
     "vae_train.val_clips",
     "vae_train.num_workers",
     "vae_train.prefetch_factor",
-    "vae_train.num_threads",
 )
 
 
@@ -87,6 +85,7 @@ def build_loss(cfg: VaeTrainConfig) -> VaeLoss:
     lpips = LPIPS.from_file(cfg.lpips_path) if cfg.lpips_weight > 0 else None
     return VaeLoss(
         kl_weight=cfg.kl_weight,
+        mse_weight=cfg.mse_weight,
         perceptual_weight=cfg.lpips_weight,
         lpips=lpips,
         gan_weight=cfg.disc_weight,
@@ -191,9 +190,7 @@ class VaeTrainer(CheckpointedTrainer):
             discriminator=self.disc if use_gan else None,
             last_layer=self.vae.last_layer_weight if use_gan else None,
         )
-        terms["mse"] = F.mse_loss(recon.float(), x.float())
-        loss = terms["loss"] + self.tcfg.mse_weight * terms["mse"] if self.tcfg.mse_weight else terms["loss"]
-        terms["loss"] = loss
+        loss = terms["loss"]
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLoss(
                 f"vae_train: loss is {loss.item()} at step {self.step + 1} "
@@ -352,15 +349,8 @@ def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
             writer.writerow({k: row.get(k, "") for k in keys})
 
 
-def maybe_set_num_threads(num_threads: int) -> None:
-    """Pin torch's intra-op threads per rank (0 leaves OMP_NUM_THREADS or torch's default)."""
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-
-
 def train_vae(cfg: Config, paths: VaePaths, info: DistInfo) -> dict[str, Any]:
     """Train (or resume), write the final folder, reconstruct val clips; the stage's summary."""
-    maybe_set_num_threads(cfg.vae_train.num_threads)
     from opensora_core.evaluation.reconstruction import reconstruction_metrics
 
     with start_stage_run(

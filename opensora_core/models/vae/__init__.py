@@ -6,7 +6,7 @@ from opensora_core.models.vae.discriminator import (
     hinge_d_loss,
     hinge_g_loss,
 )
-from opensora_core.models.vae.losses import LPIPS, VaeLoss, kl_loss, l1_loss, perceptual_loss
+from opensora_core.models.vae.losses import LPIPS, VaeLoss, kl_loss, l1_loss, mse_loss, perceptual_loss
 from opensora_core.models.vae.model import (
     FAMILIES,
     VAE_SIZES,
@@ -31,5 +31,6 @@ __all__ = [
     "hinge_g_loss",
     "kl_loss",
     "l1_loss",
+    "mse_loss",
     "perceptual_loss",
 ]

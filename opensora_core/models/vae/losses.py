@@ -37,6 +37,11 @@ def l1_loss(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return (x - recon).abs().mean()
 
 
+def mse_loss(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Mean squared pixel error (a scalar, computed in float32); shapes as :func:`l1_loss`."""
+    return (x.float() - recon.float()).pow(2).mean()
+
+
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)), averaged over all latent elements (a scalar)."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -119,12 +124,14 @@ def perceptual_loss(lpips: LPIPS, x: torch.Tensor, recon: torch.Tensor) -> torch
 class VaeLoss(nn.Module):
     """Generator and discriminator objectives of VAE training.
 
-    generator: ``l1 + perceptual_weight * lpips + kl_weight * kl [+ gan_weight * w_adapt * g_hinge]``
+    generator: ``rec + kl_weight * kl [+ gan_weight * w_adapt * g_hinge]`` with the reconstruction
+    term ``rec = l1 + mse_weight * mse + perceptual_weight * lpips``
     with the GAN term from step ``disc_start`` on; the discriminator is updated on steps
     ``disc_start, disc_start + disc_every, ...`` (see :meth:`should_update_discriminator`).
 
     Args:
         kl_weight: weight of the KL term (both L1 and KL are per-element means).
+        mse_weight: weight of the pixel MSE added to L1 (0 = off).
         perceptual_weight: weight of frame-wise LPIPS; needs ``lpips`` when > 0.
         lpips: a loaded :class:`LPIPS`, or None (perceptual loss off).
         gan_weight: weight of the generator hinge loss, times the adaptive weight.
@@ -136,6 +143,7 @@ class VaeLoss(nn.Module):
     def __init__(
         self,
         kl_weight: float = 1e-6,
+        mse_weight: float = 0.0,
         perceptual_weight: float = 0.0,
         lpips: LPIPS | None = None,
         gan_weight: float = 0.5,
@@ -149,6 +157,7 @@ class VaeLoss(nn.Module):
         if disc_every < 1 or disc_start < 0:
             raise ValueError(f"disc_every must be >= 1 and disc_start >= 0, got {disc_every}, {disc_start}")
         self.kl_weight = kl_weight
+        self.mse_weight = mse_weight
         self.perceptual_weight = perceptual_weight
         self.lpips = lpips
         self.gan_weight = gan_weight
@@ -183,17 +192,20 @@ class VaeLoss(nn.Module):
             discriminator: scores ``recon`` for the GAN term (None = no GAN term).
             last_layer: decoder output weight for the adaptive weight; None uses weight 1.
         Returns:
-            ``loss`` (to backpropagate) and the detached terms ``l1``, ``kl``, ``perceptual``,
-            ``rec``, ``gan``, ``gan_weight``.
+            ``loss`` (to backpropagate) and the detached terms ``l1``, ``mse``, ``kl``,
+            ``perceptual``, ``rec``, ``gan``, ``gan_weight``.
         """
         l1 = l1_loss(x, recon)
+        mse = mse_loss(x, recon)
         kl = kl_loss(mean, logvar)
         perceptual = (
             perceptual_loss(self.lpips, x, recon)
             if self.lpips is not None and self.perceptual_weight > 0
             else None
         )
-        rec = l1 if perceptual is None else l1 + self.perceptual_weight * perceptual
+        rec = l1 + self.mse_weight * mse if self.mse_weight else l1
+        if perceptual is not None:
+            rec = rec + self.perceptual_weight * perceptual
         loss = rec + self.kl_weight * kl
         gan = torch.zeros((), device=x.device)
         weight = torch.zeros((), device=x.device)
@@ -207,6 +219,7 @@ class VaeLoss(nn.Module):
         return {
             "loss": loss,
             "l1": l1.detach(),
+            "mse": mse.detach(),
             "kl": kl.detach(),
             "perceptual": zero if perceptual is None else perceptual.detach(),
             "rec": rec.detach(),

@@ -131,7 +131,7 @@ def test_vae_loss_with_gan_term_on_a_tiny_vae():
     torch.testing.assert_close(before["loss"], before["l1"] + 1e-3 * before["kl"])
 
     terms = criterion(x, recon, mean, logvar, step=2, discriminator=disc, last_layer=vae.last_layer_weight)
-    assert set(terms) == {"loss", "l1", "kl", "perceptual", "rec", "gan", "gan_weight"}
+    assert set(terms) == {"loss", "l1", "mse", "kl", "perceptual", "rec", "gan", "gan_weight"}
     assert all(torch.isfinite(v) for v in terms.values())
     assert terms["gan_weight"].item() > 0
     torch.testing.assert_close(
@@ -166,3 +166,15 @@ def test_vae_loss_adds_weighted_perceptual_term(tmp_path):
     torch.testing.assert_close(terms["loss"], terms["l1"] + 2.0 * terms["perceptual"])
     with pytest.raises(ValueError, match="LPIPS"):
         VaeLoss(perceptual_weight=1.0)
+
+
+def test_vae_loss_adds_weighted_mse_to_the_reconstruction_term():
+    x = torch.rand(1, 3, 2, 8, 8) * 2 - 1
+    recon = x + 0.5
+    latents = torch.zeros(1, 4, 1, 1, 1)
+    terms = VaeLoss(kl_weight=0.0, mse_weight=10.0)(x, recon, latents, latents)
+    torch.testing.assert_close(terms["mse"], torch.tensor(0.25))
+    torch.testing.assert_close(terms["rec"], terms["l1"] + 10.0 * terms["mse"])
+    torch.testing.assert_close(terms["loss"], terms["rec"])
+    off = VaeLoss(kl_weight=0.0)(x, recon, latents, latents)
+    torch.testing.assert_close(off["loss"], off["l1"])
