@@ -215,19 +215,25 @@ class VaeTrainer(CheckpointedTrainer):
         self.step += 1
         return metrics
 
-    def prepare_video(self, video: torch.Tensor) -> torch.Tensor:
-        """A batch (B, C, T, H, W) on the device, randomly cropped to ``crop_size`` when set.
+    def crop_offsets(self, batch_size: int, h: int, w: int) -> tuple[list[int], list[int]]:
+        """Top and left offsets of this step's ``crop_size`` crops, one pair per clip.
 
-        Crop offsets depend on (seed, rank, step) only, so a resumed run cuts the same crops.
+        They depend on (seed, rank, step) only, so a resumed run cuts the same crops.
         """
+        size = self.tcfg.crop_size
+        gen = torch.Generator().manual_seed(
+            (self.tcfg.seed * 1_000_003 + self.info.rank) * 10_007 + self.step
+        )
+        tops = torch.randint(0, max(h - size, 0) + 1, (batch_size,), generator=gen).tolist()
+        lefts = torch.randint(0, max(w - size, 0) + 1, (batch_size,), generator=gen).tolist()
+        return tops, lefts
+
+    def prepare_video(self, video: torch.Tensor) -> torch.Tensor:
+        """A batch (B, C, T, H, W) on the device, randomly cropped to ``crop_size`` when set."""
         size = self.tcfg.crop_size
         h, w = video.shape[-2:]
         if size and (h > size or w > size):
-            gen = torch.Generator().manual_seed(
-                (self.tcfg.seed * 1_000_003 + self.info.rank) * 10_007 + self.step
-            )
-            tops = torch.randint(0, max(h - size, 0) + 1, (video.shape[0],), generator=gen).tolist()
-            lefts = torch.randint(0, max(w - size, 0) + 1, (video.shape[0],), generator=gen).tolist()
+            tops, lefts = self.crop_offsets(video.shape[0], h, w)
             video = torch.stack(
                 [v[..., t : t + size, left : left + size] for v, t, left in zip(video, tops, lefts)]
             )
