@@ -320,8 +320,17 @@ class TextEncoderConfig:
     """t5_clip: CLIP vector used as pooled: ``pooler_output`` (hidden size) or ``text_embeds`` (projected)."""
     max_length: int = 0
     """Tokens per prompt (padded or truncated to it); 0 = the kind's default (minilm 32, t5_clip 300)."""
+    token_layer: int = -1
+    """minilm: the hidden layer whose states are the text tokens: -1 = the last, 0 = the embedding
+    layer's output (word + position embeddings), k = after transformer block k. The pooled vector
+    stays the last layer's sentence embedding. t5_clip takes only -1."""
     dtype: str = "float32"
     """Encoder weights and outputs: ``float32``, ``bfloat16`` or ``float16`` (T5 overflows in float16)."""
+    use_pooled: bool = True
+    """Give the MMDiT the pooled vector (its ``vector_in``, added to the time embedding). False
+    gives zeros, so the model conditions on the token states alone: a sentence embedding names a
+    caption as a whole and a small model keys samples on it, which hurts prompts that combine
+    known words in new ways."""
     token_dropout: float = 0.31622777
     """Probability of replacing a sample's token states by the empty prompt's (sqrt(0.1): with
     independent draws both conditions are dropped together 10% of the time)."""
@@ -343,6 +352,10 @@ class TextEncoderConfig:
             )
         if self.max_length < 0:
             raise ConfigError(f"text encoder max_length must be >= 0, got {self.max_length}")
+        if self.token_layer < -1:
+            raise ConfigError(f"text encoder token_layer must be >= -1, got {self.token_layer}")
+        if self.kind == "t5_clip" and self.token_layer != -1:
+            raise ConfigError("text encoder token_layer applies to kind minilm only; t5_clip takes -1")
         if self.dtype not in TEXT_DTYPES:
             raise ConfigError(
                 f"text encoder dtype must be one of {', '.join(TEXT_DTYPES)}, got {self.dtype!r}"
@@ -542,7 +555,10 @@ class EvaluateConfig:
     stage: str = ""
     """Diffusion stage whose ``final/`` model is evaluated; empty = the last of ``diffusion.stages``."""
     num_prompts: int = 12
-    """Generated samples: prompts built from the held-out (``val``) label combinations, cycled."""
+    """Generated samples: prompts built from the ``adherence_split`` label combinations, cycled."""
+    adherence_split: str = "val"
+    """Label split whose (shape, colour, motion) combinations the prompts name: ``val`` (held out
+    of training, so adherence measures composition) or ``train`` (seen in training: a control)."""
     seed: int = 1024
     """Seed of sample i is ``seed + i``; also picks the prompts' backgrounds and wording."""
     guidance: float = 4.0
@@ -564,6 +580,8 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.val_timesteps must be in (0, 1], got {self.val_timesteps}")
         if self.guidance < 0 or self.fps <= 0:
             raise ConfigError("evaluate.guidance must be >= 0 and evaluate.fps > 0")
+        if self.adherence_split not in ("val", "train"):
+            raise ConfigError(f"evaluate.adherence_split must be val or train, got {self.adherence_split!r}")
 
 
 @dataclass

@@ -76,6 +76,10 @@ TRAVEL_RANGE = (0.5, 0.9)
 """Share of the free travel along the motion axis that a moving shape covers over the clip."""
 MARGIN = 1.0
 """Pixels kept between the shape's bounding box and the frame edge."""
+STATIC_SHARE = 0.1
+"""Evaluation calls a clip ``static`` when its fitted travel is under this share of the frame's
+shorter side: a moving shape travels at least a fifth of its axis, and a generated still shape
+wobbles by a few pixels."""
 
 # Motion phrases in the third person, each naming its direction (or stillness) in plain words.
 MOTION_PHRASES: dict[str, tuple[str, ...]] = {
@@ -445,17 +449,28 @@ def centroid_track(frames: np.ndarray) -> np.ndarray:
     return track
 
 
+def track_travel(track: np.ndarray) -> np.ndarray:
+    """Travel ``(dy, dx)`` over the clip of the least-squares line through a ``(T, 2)`` track.
+
+    The fit uses every frame with foreground (NaN rows are skipped), so one stray frame at either
+    end moves it little; zeros when fewer than two frames have foreground.
+    """
+    track = np.asarray(track, dtype=np.float64)
+    rows = ~np.isnan(track).any(axis=1)
+    if rows.sum() < 2:
+        return np.zeros(2)
+    slope = np.polyfit(np.nonzero(rows)[0].astype(np.float64), track[rows], 1)[0]  # (2,) per frame
+    return slope * (len(track) - 1)
+
+
 def motion_of_track(track: np.ndarray, min_displacement: float = 2.0) -> str:
     """The name in :data:`MOTIONS` that best fits a ``(T, 2)`` centroid track.
 
-    ``static`` when the first-to-last displacement is under ``min_displacement`` pixels;
-    otherwise the direction with the largest projection of the displacement.
+    ``static`` when the fitted travel (:func:`track_travel`) is under ``min_displacement``
+    pixels; otherwise the direction with the largest projection of the travel.
     """
-    valid = track[~np.isnan(track).any(axis=1)]
-    if len(valid) < 2:
-        return "static"
-    disp = valid[-1] - valid[0]
-    if math.hypot(*disp) < min_displacement:
+    travel = track_travel(track)
+    if math.hypot(*travel) < min_displacement:
         return "static"
     moving = {k: v for k, v in MOTIONS.items() if v != (0, 0)}
-    return max(moving, key=lambda k: moving[k][0] * disp[0] + moving[k][1] * disp[1])
+    return max(moving, key=lambda k: moving[k][0] * travel[0] + moving[k][1] * travel[1])

@@ -5,8 +5,9 @@ The prompts name (shape, colour, motion) combinations held out of training (the 
 Each generated clip is measured from its pixels with the data generator's own measurements:
 
 - colour: the colour most foreground pixels are nearest to (:func:`dominant_color`);
-- motion: the direction of the foreground centroid's first-to-last displacement, ``static``
-  under a few pixels (:func:`centroid_track`, :func:`motion_of_track`);
+- motion: the direction of the foreground centroid's travel, from a least-squares line through
+  its track over all frames, ``static`` under a tenth of the frame's shorter side
+  (:func:`centroid_track`, :func:`motion_of_track`, :data:`STATIC_SHARE`);
 - shape: how much of its bounding box the foreground fills, median over frames: a square fills
   it (1.0), a circle pi/4 (0.79), a triangle half (0.5) (:func:`shape_of_mask`).
 
@@ -28,6 +29,7 @@ from opensora_core.data.synthetic import (
     COLORS,
     MOTIONS,
     SHAPES,
+    STATIC_SHARE,
     centroid_track,
     dominant_color,
     foreground_mask,
@@ -124,7 +126,8 @@ def measure_clip(frames: np.ndarray) -> Measurement:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3), got {frames.shape}")
     color = dominant_color(frames)
-    motion = motion_of_track(centroid_track(frames)) if color is not None else None
+    still_under = STATIC_SHARE * min(frames.shape[1:3])
+    motion = motion_of_track(centroid_track(frames), still_under) if color is not None else None
     return Measurement(color=color, motion=motion, shape=measure_shape(frames))
 
 

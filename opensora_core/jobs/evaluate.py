@@ -279,7 +279,9 @@ def eval_prompts(labels_path: Path, rows: Any, cfg: EvaluateConfig) -> tuple[lis
     from opensora_core.evaluation.adherence import build_adherence_prompts
 
     if labels_path.is_file():
-        prompts = build_adherence_prompts(pd.read_parquet(labels_path), cfg.num_prompts, cfg.seed)
+        prompts = build_adherence_prompts(
+            pd.read_parquet(labels_path), cfg.num_prompts, cfg.seed, split=cfg.adherence_split
+        )
         return [p.text for p in prompts], prompts
     texts = [str(t) for t in rows["text"]]
     return [texts[i % len(texts)] for i in range(cfg.num_prompts)], None

@@ -106,6 +106,8 @@ class TextEncoder(ABC):
 
     max_length: int
     device: torch.device
+    use_pooled: bool = True
+    """False: :meth:`encode` returns zero pooled vectors (see ``TextEncoderConfig.use_pooled``)."""
 
     def __init__(self) -> None:
         self._null: TextEmbeddings | None = None
@@ -133,7 +135,14 @@ class TextEncoder(ABC):
             parts = [
                 self._encode_batch(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)
             ]
-        return TextEmbeddings.cat(parts)
+        emb = TextEmbeddings.cat(parts)
+        if not self.use_pooled:
+            emb = TextEmbeddings(emb.tokens, emb.mask, torch.zeros_like(emb.pooled))
+        return emb
+
+    def _pooled_suffix(self) -> str:
+        """Part of ``name``: what the pooled vector is, when not the encoder's own."""
+        return "" if self.use_pooled else "|pooled=zeros"
 
     def null_embeddings(self) -> TextEmbeddings:
         """The empty prompt's embeddings, batch of one; computed once per encoder."""
@@ -153,7 +162,13 @@ class TextEncoder(ABC):
 
 
 class MiniLMEncoder(TextEncoder):
-    """all-MiniLM-L6-v2: tokens = last hidden states, pooled = normalised masked mean of them."""
+    """all-MiniLM-L6-v2: tokens = hidden states of ``token_layer`` (the last by default), pooled =
+    normalised masked mean of the last hidden states (the sentence embedding).
+
+    A sentence-similarity model pulls paraphrases together, and antonyms with them: its last-layer
+    states of "moves left" and "moves right" differ less than those of two colours. Earlier layers
+    keep the words apart (``token_layer`` 0 is the embedding layer's output).
+    """
 
     kind = "minilm"
 
@@ -162,6 +177,7 @@ class MiniLMEncoder(TextEncoder):
         model_path: str | Path = "",
         *,
         max_length: int = DEFAULT_MAX_LENGTH["minilm"],
+        token_layer: int = -1,
         dtype: str = "float32",
         device: torch.device | str = "cpu",
     ) -> None:
@@ -182,10 +198,15 @@ class MiniLMEncoder(TextEncoder):
         self._identity = identity
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = _frozen(AutoModel.from_pretrained(path, local_files_only=True), dtype, self.device)
+        layers = self.model.config.num_hidden_layers
+        if not -1 <= token_layer <= layers:
+            raise ConfigError(f"minilm token_layer must be in [-1, {layers}] for {identity}, got {token_layer}")
+        self.token_layer = token_layer
 
     @property
     def name(self) -> str:
-        return f"minilm|{self._identity}|max_length={self.max_length}|{self.dtype}"
+        layer = f"|token_layer={self.token_layer}" if self.token_layer != -1 else ""
+        return f"minilm|{self._identity}|max_length={self.max_length}{layer}|{self.dtype}{self._pooled_suffix()}"
 
     @property
     def token_dim(self) -> int:
@@ -200,11 +221,15 @@ class MiniLMEncoder(TextEncoder):
 
     def _encode_batch(self, prompts: list[str]) -> TextEmbeddings:
         ids, mask = _tokenize(self.tokenizer, prompts, self.max_length, self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        out = self.model(
+            input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.token_layer != -1
+        )
+        last = out.last_hidden_state * mask[..., None].to(out.last_hidden_state.dtype)
+        hidden = out.hidden_states[self.token_layer] if self.token_layer != -1 else last
         tokens = hidden * mask[..., None].to(hidden.dtype)
         # Mean pooling over real tokens, then L2 normalisation (sentence-transformers' recipe).
         counts = mask.sum(dim=1, keepdim=True).clamp(min=1).float()
-        pooled = F.normalize(tokens.float().sum(dim=1) / counts, p=2, dim=-1)
+        pooled = F.normalize(last.float().sum(dim=1) / counts, p=2, dim=-1)
         return TextEmbeddings(tokens, mask, pooled.to(hidden.dtype))
 
 
@@ -245,7 +270,7 @@ class T5ClipEncoder(TextEncoder):
     @property
     def name(self) -> str:
         t5_path, clip_path = self._paths
-        return f"t5_clip|t5={t5_path}|clip={clip_path}:{self.clip_output}|max_length={self.max_length}|{self.dtype}"
+        return f"t5_clip|t5={t5_path}|clip={clip_path}:{self.clip_output}|max_length={self.max_length}|{self.dtype}{self._pooled_suffix()}"
 
     @property
     def token_dim(self) -> int:
@@ -311,14 +336,17 @@ def build_text_encoder(
     clip_path: str = "",
     clip_output: str = "pooler_output",
     max_length: int = 0,
+    token_layer: int = -1,
+    use_pooled: bool = True,
     dtype: str = "float32",
     device: torch.device | str = "cpu",
     cache_dir: str | Path = "",
 ) -> TextEncoder:
     """Build a frozen text encoder of ``kind`` (``minilm`` or ``t5_clip``), loaded offline.
 
-    ``max_length`` 0 picks the kind's default; a non-empty ``cache_dir`` wraps the encoder in a
-    :class:`CachedTextEncoder`.
+    ``max_length`` 0 picks the kind's default; ``token_layer`` picks MiniLM's token layer (-1 =
+    last; t5_clip takes only -1); ``use_pooled`` False makes the pooled vectors zeros; a
+    non-empty ``cache_dir`` wraps the encoder in a :class:`CachedTextEncoder`.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"text encoder dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -326,13 +354,18 @@ def build_text_encoder(
         raise ConfigError(f"text encoder kind must be one of {', '.join(ENCODER_KINDS)}, got {kind!r}")
     length = max_length or DEFAULT_MAX_LENGTH[kind]
     if kind == "minilm":
-        encoder: TextEncoder = MiniLMEncoder(model_path, max_length=length, dtype=dtype, device=device)
+        encoder: TextEncoder = MiniLMEncoder(
+            model_path, max_length=length, token_layer=token_layer, dtype=dtype, device=device
+        )
     else:
         if not (t5_path and clip_path):
             raise ConfigError("text encoder kind t5_clip needs both t5_path and clip_path")
+        if token_layer != -1:
+            raise ConfigError("text encoder token_layer applies to kind minilm only; t5_clip takes -1")
         encoder = T5ClipEncoder(
             t5_path, clip_path, clip_output=clip_output, max_length=length, dtype=dtype, device=device
         )
+    encoder.use_pooled = use_pooled
     return CachedTextEncoder(encoder, cache_dir) if cache_dir else encoder
 
 
@@ -345,6 +378,8 @@ def build_text_encoder_from_config(cfg: TextEncoderConfig, device: torch.device 
         clip_path=cfg.clip_path,
         clip_output=cfg.clip_output,
         max_length=cfg.max_length,
+        token_layer=cfg.token_layer,
+        use_pooled=cfg.use_pooled,
         dtype=cfg.dtype,
         device=device,
         cache_dir=cfg.cache_dir,

@@ -23,6 +23,7 @@ from opensora_core.data.synthetic import (
     motion_of_track,
     plan_samples,
     render,
+    track_travel,
     write_sample,
 )
 from opensora_core.data.video_io import read_video
@@ -165,6 +166,26 @@ def test_rendered_shapes_stay_inside_and_move_as_labelled():
             assert np.abs(disp).max() >= 0.2 * axis, f"{s.name}: motion too small to see"
         assert motion_of_track(track) == s.motion
         assert dominant_color(frames) == s.color
+
+
+def test_track_travel_fits_a_line_through_every_frame() -> None:
+    t = np.arange(17, dtype=np.float64)
+    line = np.stack([np.full(17, 20.0), 10.0 + 1.5 * t], axis=1)  # 24 px to the right
+    np.testing.assert_allclose(track_travel(line), [0.0, 24.0], atol=1e-9)
+    # A stray last frame flips first-to-last to the left; the fit still says right.
+    stray = line.copy()
+    stray[-1, 1] = 5.0
+    assert stray[-1, 1] - stray[0, 1] < 0
+    assert motion_of_track(stray) == "right"
+    # Frames without foreground (NaN) are skipped; under two valid frames nothing moved.
+    gaps = line.copy()
+    gaps[[0, 5, 16]] = np.nan
+    np.testing.assert_allclose(track_travel(gaps), [0.0, 24.0], atol=1e-9)
+    np.testing.assert_array_equal(track_travel(np.full((9, 2), np.nan)), [0.0, 0.0])
+    # A still shape that wobbles by +-2 px is static under evaluation's threshold at 48 px.
+    wobble = np.stack([24 + 2 * np.sin(t), 24 + 2 * np.cos(1.3 * t)], axis=1)
+    assert motion_of_track(wobble, synthetic.STATIC_SHARE * 48) == "static"
+    assert motion_of_track(line, synthetic.STATIC_SHARE * 48) == "right"
 
 
 def test_labels_match_decoded_mp4_pixels(tmp_path):

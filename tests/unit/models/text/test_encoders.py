@@ -123,6 +123,53 @@ def test_minilm_name_identifies_kind_model_and_length(minilm: TextEncoder) -> No
     assert build_text_encoder("minilm", max_length=8).name != minilm.name
 
 
+def test_token_layer_picks_the_token_states_and_keeps_the_sentence_vector(minilm: TextEncoder) -> None:
+    from transformers import AutoModel
+
+    early = build_text_encoder("minilm", max_length=16, token_layer=0)
+    assert "token_layer=0" in early.name and early.name != minilm.name
+    pair = ["a red circle moves left", "a red circle moves right"]
+    last, first = minilm.encode(pair), early.encode(pair)
+    assert torch.equal(first.mask, last.mask) and torch.allclose(first.pooled, last.pooled)
+    # Layer 0 is the embedding output, computed here from MiniLM's own embedding module.
+    model = AutoModel.from_pretrained(early.model.name_or_path, local_files_only=True).eval()
+    with torch.no_grad():
+        ids = early.tokenizer(pair, padding="max_length", max_length=16, return_tensors="pt").input_ids
+        expected = model.embeddings(input_ids=ids) * first.mask[..., None]
+    assert torch.allclose(first.tokens, expected, atol=1e-5)
+
+    # The measured reason for the option: the direction word moves layer 0's states further apart.
+    def relative_gap(emb: TextEmbeddings) -> float:
+        return ((emb.tokens[0] - emb.tokens[1]).norm() / emb.tokens[0].norm()).item()
+
+    assert relative_gap(first) > relative_gap(last)
+
+
+def test_use_pooled_false_gives_zero_vectors_and_its_own_name(minilm: TextEncoder, tmp_path: Path) -> None:
+    cfg = TextEncoderConfig(max_length=16, use_pooled=False)
+    plain = build_text_encoder_from_config(cfg)
+    cached = build_text_encoder_from_config(TextEncoderConfig(max_length=16, use_pooled=False, cache_dir=str(tmp_path)))
+    for enc in (plain, cached):
+        assert enc.name == minilm.name + "|pooled=zeros"
+        emb = enc.encode(PROMPTS)
+        assert torch.equal(emb.pooled, torch.zeros_like(emb.pooled))
+        assert torch.allclose(emb.tokens, minilm.encode(PROMPTS).tokens)
+        assert torch.equal(enc.null_embeddings().pooled, torch.zeros(1, enc.pooled_dim))
+    assert torch.equal(cached.encode(PROMPTS).pooled, torch.zeros(3, 384))  # from the cache too
+
+
+def test_token_layer_is_checked(tiny_pair_dirs: tuple[Path, Path]) -> None:
+    with pytest.raises(ConfigError, match="token_layer"):
+        build_text_encoder("minilm", token_layer=7)
+    with pytest.raises(ConfigError, match="token_layer"):
+        TextEncoderConfig(token_layer=-2)
+    t5_dir, clip_dir = tiny_pair_dirs
+    with pytest.raises(ConfigError, match="minilm only"):
+        TextEncoderConfig(kind="t5_clip", t5_path=str(t5_dir), clip_path=str(clip_dir), token_layer=0)
+    with pytest.raises(ConfigError, match="minilm only"):
+        build_text_encoder("t5_clip", t5_path=str(t5_dir), clip_path=str(clip_dir), token_layer=0)
+
+
 def test_null_embeddings_are_the_empty_prompt_computed_once(minilm: TextEncoder) -> None:
     null = minilm.null_embeddings()
     assert null is minilm.null_embeddings()
