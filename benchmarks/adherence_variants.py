@@ -40,6 +40,7 @@ VARIANTS: dict[str, list[str]] = {
     "sentence_embed": SENTENCE,
 }
 ATTRS = ("color", "motion", "shape")
+ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -50,9 +51,6 @@ def run(cmd: list[str], log: Path) -> float:
     if code != 0:
         sys.exit(f"{' '.join(cmd)} failed with exit code {code}; see {log}")
     return time.perf_counter() - start
-
-
-ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def run_variant(name: str, seed: int, prompts: int, root: Path, stages: list[str]) -> dict[str, object]:

@@ -224,13 +224,13 @@ class MiniLMEncoder(TextEncoder):
         out = self.model(
             input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.token_layer != -1
         )
-        last = out.last_hidden_state * mask[..., None].to(out.last_hidden_state.dtype)
-        hidden = out.hidden_states[self.token_layer] if self.token_layer != -1 else last
-        tokens = hidden * mask[..., None].to(hidden.dtype)
+        keep = mask[..., None].to(out.last_hidden_state.dtype)
+        last = out.last_hidden_state * keep
+        tokens = last if self.token_layer == -1 else out.hidden_states[self.token_layer] * keep
         # Mean pooling over real tokens, then L2 normalisation (sentence-transformers' recipe).
         counts = mask.sum(dim=1, keepdim=True).clamp(min=1).float()
         pooled = F.normalize(last.float().sum(dim=1) / counts, p=2, dim=-1)
-        return TextEmbeddings(tokens, mask, pooled.to(hidden.dtype))
+        return TextEmbeddings(tokens, mask, pooled.to(tokens.dtype))
 
 
 class T5ClipEncoder(TextEncoder):
