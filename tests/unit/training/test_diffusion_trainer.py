@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from opensora_core.config import TrackingConfig
-from opensora_core.distributed.dist import DistInfo, init_distributed
+from opensora_core.distributed.dist import DistInfo, destroy_distributed, init_distributed
 from opensora_core.errors import ConfigError, InputError, NonFiniteLoss, OutOfMemory
 from opensora_core.jobs.common import exit_code_for
 from opensora_core.models.mmdit import build_mmdit
@@ -50,8 +51,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> DiffusionInputs:
 
 
 @pytest.fixture(scope="module")
-def info() -> DistInfo:
-    return init_distributed()
+def info() -> Iterator[DistInfo]:
+    # Torn down after the module: the group's fallback RANK/WORLD_SIZE would otherwise stay in
+    # os.environ and make later tests in the session look like torchrun workers.
+    yield init_distributed()
+    destroy_distributed()
 
 
 def stage_paths(inputs: DiffusionInputs, out: Path) -> StagePaths:
