@@ -479,7 +479,7 @@ class DiffusionConfig:
     precision: str = "fp32"
     """Training precision: ``fp32``; ``bf16`` (plugin zero2) or ``fp16`` (GPU only)."""
     model: str = "tiny"
-    """Named MMDiT size (``tiny``, ``1B``, ``opensora-v2-11b``); its text widths must match the encoder's."""
+    """Named MMDiT size (``tiny``, ``small``, ``1B``, ``opensora-v2-11b``); its text widths must match the encoder's."""
     checkpoint_blocks: int = 0
     """Activation checkpointing of the first N transformer blocks (-1 = every block)."""
     init_from: str = ""

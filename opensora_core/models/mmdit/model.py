@@ -86,10 +86,13 @@ class MMDiTConfig:
         return self.in_channels // self.patch_size**2
 
 
-# Named sizes. `tiny` is the CPU default (MiniLM text states); `1B` is the size compared with
+# Named sizes. `tiny` is the CPU default (MiniLM text states, 2.4M parameters); `small` is tiny
+# twice as wide (9.2M: on the embedded default it follows held-out motion prompts better, for
+# about 2.5x the diffusion training time; benchmarks/BENCHMARKS.md); `1B` is the size compared with
 # Open-Sora 2.0's own code on GPU (its text and latent widths); `opensora-v2-11b` is the released model.
 MMDIT_SIZES: dict[str, MMDiTConfig] = {
     "tiny": MMDiTConfig(),
+    "small": MMDiTConfig(hidden_size=256, num_heads=8),
     "1B": MMDiTConfig(
         in_channels=64,
         vec_in_dim=768,

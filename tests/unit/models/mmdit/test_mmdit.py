@@ -107,6 +107,11 @@ def test_named_sizes():
     assert (tiny.context_in_dim, tiny.vec_in_dim, tiny.in_channels) == (384, 384, 8 * 2 * 2)
     assert 64 <= tiny.hidden_size <= 128
     assert MMDiTConfig() == tiny  # the dataclass defaults are the CPU default
+    small = build_mmdit("small", device="meta")
+    assert (small.config.context_in_dim, small.config.in_channels) == (tiny.context_in_dim, tiny.in_channels)
+    assert small.config.hidden_size == 2 * tiny.hidden_size
+    assert small.config.hidden_size // small.config.num_heads == tiny.hidden_size // tiny.num_heads
+    assert sum(p.numel() for p in small.parameters()) == pytest.approx(9.23e6, rel=0.01)
     one_b = build_mmdit("1B", device="meta")
     assert (one_b.config.hidden_size, one_b.config.num_heads) == (1536, 12)
     assert (len(one_b.double_blocks), len(one_b.single_blocks)) == (8, 16)
