@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opensora_core.data.video_io import read_video
-from opensora_core.evaluation.adherence import measure_clip
-from opensora_core.evaluation.reconstruction import clip_tensor, reconstruct, to_uint8
+from opensora_core.config import EvaluateConfig, load_config
+from opensora_core.evaluation.adherence import AdherencePrompt, measure_clip, score_adherence
+from opensora_core.evaluation.reconstruction import iter_clips, reconstruct, to_uint8
 
 ATTRS = ("color", "motion")
 
@@ -42,19 +41,21 @@ def vae_round_trip(raw_dir: Path, vae_dir: Path) -> dict[str, float]:
     from opensora_core.inference import load_vae_dir
 
     labels = pd.read_parquet(raw_dir / "labels.parquet")
-    clips = labels[labels["kind"] == "clip"]
+    by_path = {row["path"]: row for row in labels.to_dict("records")}
     vae = load_vae_dir(vae_dir).eval()
     same = {a: 0 for a in ATTRS}
     truth = {a: 0 for a in ATTRS}
-    for rel, motion, color in zip(clips["path"], clips["motion"], clips["color"]):
-        frames, _ = read_video(raw_dir.parent.parent / rel)  # (T, H, W, 3) uint8
-        x = clip_tensor(frames, vae.spatial_factor, vae.temporal_factor)  # (1, 3, T', H', W')
-        before = measure_clip(to_uint8(x[0]))
+    n = 0
+    # label paths are relative to the repository that holds data/raw
+    for path, x in iter_clips(
+        by_path.values(), vae.spatial_factor, vae.temporal_factor, root=raw_dir.parent.parent
+    ):
+        before = measure_clip(to_uint8(x[0]))  # x: (1, 3, T, H, W) in [-1, 1]
         after = measure_clip(to_uint8(reconstruct(vae, x)[0]))
-        for attr, label in (("color", color), ("motion", motion)):
+        for attr in ATTRS:
             same[attr] += getattr(before, attr) == getattr(after, attr)
-            truth[attr] += getattr(after, attr) == label
-    n = len(clips)
+            truth[attr] += getattr(after, attr) == by_path[path][attr]
+        n += 1
     out = {f"roundtrip_same_{a}": same[a] / n for a in ATTRS}
     out.update({f"roundtrip_label_{a}": truth[a] / n for a in ATTRS})
     out["roundtrip_clips"] = n
@@ -62,27 +63,21 @@ def vae_round_trip(raw_dir: Path, vae_dir: Path) -> dict[str, float]:
 
 
 def training_captions(
-    raw_dir: Path, model_dir: Path, vae_dir: Path, stats: Path, prompts: int
+    raw_dir: Path, model_dir: Path, vae_dir: Path, stats: Path, prompts: int, evaluate: EvaluateConfig
 ) -> dict[str, float]:
-    """Adherence of samples of the exact captions of the first ``prompts`` training clips."""
-    from opensora_core.config import load_config
-    from opensora_core.diffusion.sampling import SamplingOptions
+    """Adherence of samples of the exact captions of the first ``prompts`` training clips,
+    sampled as the evaluate stage samples (its steps, guidance, seeds and batches)."""
     from opensora_core.inference import T2VPipeline
+    from opensora_core.jobs.evaluate import generate_samples
 
-    evaluate = load_config("params.yaml").evaluate  # params.yaml with its profile
     labels = pd.read_parquet(raw_dir / "labels.parquet")
     rows = labels[(labels["kind"] == "clip") & (labels["split"] == "train")].head(prompts)
+    asked = [AdherencePrompt(r.text, r.shape, r.color, r.motion, r.background) for r in rows.itertuples()]
     pipeline = T2VPipeline.from_training(model_dir, vae_dir, stats, device="cpu")
-    options = SamplingOptions(num_steps=evaluate.num_steps, guidance=evaluate.guidance)
-    texts = rows["text"].tolist()
-    seeds = [evaluate.seed + i for i in range(len(texts))]
-    videos = pipeline.generate(texts, seeds, options, batch_size=evaluate.batch_size)
-    hits = {a: 0 for a in ATTRS}
-    for video, (_, row) in zip(videos, rows.iterrows()):
-        measured = measure_clip(video)
-        for attr in ATTRS:
-            hits[attr] += getattr(measured, attr) == row[attr]
-    out = {f"train_captions_{a}": hits[a] / len(texts) for a in ATTRS}
+    texts = [p.text for p in asked]
+    videos = generate_samples(pipeline, texts, [evaluate.seed + i for i in range(len(texts))], evaluate)
+    scores = score_adherence(asked, [measure_clip(v) for v in videos])
+    out = {f"train_captions_{a}": scores[f"adherence_{a}"] for a in ATTRS}
     out["train_captions_prompts"] = len(texts)
     return out
 
@@ -100,18 +95,19 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.raw / "labels.parquet").is_file():
         sys.exit(f"{args.raw / 'labels.parquet'} not found: run `make run` first")
+    config = load_config("params.yaml")  # with its profile
     model = args.model
     if model is None:
-        from opensora_core.config import load_config
-
-        last = list(load_config("params.yaml").diffusion.stages)[-1]
-        model = Path("models/diffusion") / last / "final"
-        if not model.is_dir():
-            sys.exit(f"{model} not found: run `make run` first or pass --model")
-    torch.manual_seed(0)
+        model = Path("models/diffusion") / list(config.diffusion.stages)[-1] / "final"
+    # every input checked before a minute of work
+    for path in (args.vae, args.latent_stats, model / "mmdit_config.json"):
+        if not path.exists():
+            sys.exit(f"{path} not found: run `make run` first, or pass --vae / --latent-stats / --model")
     start = time.perf_counter()
     result: dict[str, object] = vae_round_trip(args.raw, args.vae)
-    result.update(training_captions(args.raw, model, args.vae, args.latent_stats, args.prompts))
+    result.update(
+        training_captions(args.raw, model, args.vae, args.latent_stats, args.prompts, config.evaluate)
+    )
     result["model"] = str(model)
     result["seconds"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,10 @@ def test_motion_diagnostics_measures_every_clip_and_the_requested_prompts(
     project, pipeline_run, tmp_path
 ) -> None:
     out = tmp_path / "diagnostics.json"
+    missing = project.python(
+        "benchmarks/motion_diagnostics.py", "--model", str(tmp_path / "none"), check=False
+    )
+    assert missing.returncode != 0 and "mmdit_config.json not found" in missing.stderr
     proc = project.python("benchmarks/motion_diagnostics.py", "--prompts", "3", "--out", str(out))
     result = json.loads(out.read_text())
 
@@ -22,9 +26,11 @@ def test_motion_diagnostics_measures_every_clip_and_the_requested_prompts(
     assert result["train_captions_prompts"] == 3
     # the last stage of the micro profile, as the evaluate stage picks it
     assert result["model"] == "models/diffusion/stage3/final"
-    rates = [k for k in result if k.startswith(("roundtrip_same", "roundtrip_label", "train_captions_"))]
-    rates = [k for k in rates if not k.endswith(("_clips", "_prompts"))]
-    assert len(rates) == 6
+    rates = [
+        f"{kind}_{a}"
+        for kind in ("roundtrip_same", "roundtrip_label", "train_captions")
+        for a in ("color", "motion")
+    ]
     assert all(0.0 <= result[k] <= 1.0 for k in rates), result
     # a rate is a count over the clips or prompts, not a smoothed number
     assert all(round(result[k] * result["roundtrip_clips"], 6) % 1 == 0 for k in rates if "roundtrip" in k)
