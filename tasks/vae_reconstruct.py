@@ -36,8 +36,8 @@ def read_inputs(path: Path) -> list[Path]:
 
 
 def load_vae(path: Path, family: str):
+    from opensora_core.models.final import load_vae_final
     from opensora_core.models.vae import VaeModelConfig, build_vae
-    from opensora_core.training.vae_trainer import load_vae_final
 
     if not path.is_dir():
         raise InputError(f"--vae {path}: no such folder")

@@ -33,348 +33,36 @@ Called in-process (tests, a notebook), :func:`evaluate` runs the whole evaluatio
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import hashlib
 import json
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from opensora_core.config import Config, EvaluateConfig
+from opensora_core.config import Config
+from opensora_core.distributed.work import gather_to_main as gather_to_main
+from opensora_core.distributed.work import merge_in_order as merge_in_order
+from opensora_core.distributed.work import rank_and_world
+from opensora_core.distributed.work import shard_work as shard_work
 from opensora_core.errors import InputError
+from opensora_core.evaluation.samples import (
+    ADHERENCE_KEYS,
+    CHANCE_KEYS,
+    eval_prompts,
+    generate_samples,
+    make_grid,
+    write_plots,
+    write_samples,
+)
+from opensora_core.evaluation.samples import GRID_FRAMES as GRID_FRAMES
+from opensora_core.evaluation.val_loss import assign_eval_buckets as assign_eval_buckets
+from opensora_core.evaluation.val_loss import batch_val_loss as batch_val_loss
+from opensora_core.evaluation.val_loss import noise_seed as noise_seed
+from opensora_core.evaluation.val_loss import plan_val_batches as plan_val_batches
+from opensora_core.evaluation.val_loss import pool_val_losses as pool_val_losses
+from opensora_core.evaluation.val_loss import vae_scores, val_losses, val_rows
 from opensora_core.jobs.common import job_entrypoint
 from opensora_core.tracking import NullRun, flatten
-
-GRID_FRAMES = 5
-ADHERENCE_KEYS = ("adherence_color", "adherence_motion", "adherence_shape")
-CHANCE_KEYS = ("chance_color", "chance_motion", "chance_shape")
-
-
-# --------------------------------------------------------------------------------------------
-# Splitting work over ranks
-# --------------------------------------------------------------------------------------------
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size of the default group; ``(0, 1)`` without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard_work(items: list[Any], rank: int, world: int) -> list[tuple[int, Any]]:
-    """``(j, item)`` of the items this rank takes: those with ``j % world == rank``."""
-    return [(j, item) for j, item in enumerate(items) if j % world == rank]
-
-
-def gather_to_main(obj: Any) -> list[Any] | None:
-    """Every rank's picklable ``obj`` on rank 0, in rank order; None on the other ranks."""
-    import torch.distributed as dist
-
-    rank, world = rank_and_world()
-    if world == 1:
-        return [obj]
-    out: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def merge_in_order(parts: list[list[tuple[int, Any]]]) -> list[Any]:
-    """The ``(j, result)`` pairs of every rank as one list ordered by ``j``."""
-    return [result for _, result in sorted((pair for part in parts for pair in part), key=lambda p: p[0])]
-
-
-# --------------------------------------------------------------------------------------------
-# Validation loss and reconstruction
-# --------------------------------------------------------------------------------------------
-def val_rows(shards_dir: Path, limit: int) -> Any:
-    """The held-out rows of the shards (at most ``limit``, in reader order) as a DataFrame."""
-    import pandas as pd
-
-    from opensora_core.data.shards import ShardReader
-
-    try:
-        reader = ShardReader(shards_dir, split="val")
-    except InputError as exc:
-        raise InputError(f"{exc} (the evaluate stage needs held-out rows)") from exc
-    rows = [reader[i] for i in range(min(limit, len(reader)))]
-    if not rows:
-        raise InputError(f"no val rows in {shards_dir}")
-    return pd.DataFrame(rows)
-
-
-def assign_eval_buckets(pipeline: Any, rows: Any, batch_size: int) -> list[Any]:
-    """Each row's bucket: the largest of the evaluated stage's buckets it fits (every bucket kept,
-    no coins, any upscale). A row that fits none (or without a bucket config) is cut to the
-    pipeline's default video shape, or to a still of that size when it is shorter.
-    """
-    from opensora_core.data.buckets import Bucket, Buckets, parse_bucket_config
-    from opensora_core.inference import last_stage_config
-
-    num_frames = rows["num_frames"].fillna(1).astype(int)
-    assigned: list[Any] = [None] * len(rows)
-    buckets_cfg = last_stage_config(pipeline.config).get("buckets")
-    if buckets_cfg:
-        certain: dict[str, dict[int, tuple[float, int]]] = {}
-        for res, frames, _, _ in parse_bucket_config(buckets_cfg):
-            certain.setdefault(res, {})[frames] = (1.0, batch_size)
-        buckets = Buckets.from_config(certain, spatial_factor=pipeline.spatial_factor, max_upscale=64.0)
-        assigned = buckets.assign_many(rows["height"], rows["width"], num_frames)
-    v = pipeline.video
-    video = Bucket(f"{v.height}x{v.width}", v.num_frames, v.height, v.width, batch_size)
-    still = Bucket(f"{v.height}x{v.width}", 1, v.height, v.width, batch_size)
-    return [
-        b if b is not None else video if n >= v.num_frames else still for b, n in zip(assigned, num_frames)
-    ]
-
-
-def bucket_key(bucket: Any) -> str:
-    return f"{bucket.resolution}_{bucket.num_frames}x{bucket.height}x{bucket.width}"
-
-
-def noise_seed(seed: int, path: str, t_index: int) -> int:
-    """A seed from the row's path and the time's index: the same noise whatever the batch."""
-    digest = hashlib.sha256(f"{seed}:{path}:{t_index}".encode()).digest()
-    return int.from_bytes(digest[:7], "little")
-
-
-def plan_val_batches(pipeline: Any, rows: Any, batch_size: int) -> list[tuple[Any, list[int]]]:
-    """``(bucket, row indices)`` of every val batch: rows grouped by bucket (sorted), ``batch_size`` at a time."""
-    groups: dict[Any, list[int]] = defaultdict(list)
-    for i, bucket in enumerate(assign_eval_buckets(pipeline, rows, batch_size)):
-        groups[bucket].append(i)
-    return [
-        (bucket, idx[s : s + batch_size])
-        for bucket, idx in sorted(groups.items())
-        for s in range(0, len(idx), batch_size)
-    ]
-
-
-def batch_val_loss(
-    pipeline: Any, dataset: Any, bucket: Any, idx: list[int], cfg: EvaluateConfig
-) -> Any | None:
-    """Flow loss ``(B, K)`` float32 on the CPU of the batch's clips that decode, one column per time
-    of ``cfg.val_timesteps``; None when none decodes."""
-    import torch
-
-    from opensora_core.data.dataset import collate_samples
-    from opensora_core.diffusion.denoiser import predict_velocity
-    from opensora_core.diffusion.rectified_flow import flow_loss, interpolate, velocity_target
-    from opensora_core.diffusion.sampling import prepare_noise
-
-    batch = collate_samples([dataset[(i, bucket)] for i in idx])
-    if batch is None:
-        return None
-    device, sf = pipeline.device, pipeline.flow.sigma_min
-    latents = pipeline.vae.encode(batch["video"].to(device)).float()
-    text, _ = pipeline.encode_text(batch["text"])
-    b = len(batch["text"])
-    losses = []
-    for k, t in enumerate(cfg.val_timesteps):
-        seeds = [noise_seed(cfg.seed, p, k) for p in batch["path"]]
-        noise = prepare_noise(seeds, tuple(latents.shape[1:]), device)
-        tt = torch.full((b,), float(t), device=device)
-        x_t = interpolate(latents, noise, tt, sf)
-        v = predict_velocity(pipeline.mmdit, x_t, tt, text)
-        losses.append(flow_loss(v, velocity_target(latents, noise, sf)))
-    return torch.stack(losses, dim=1).float().cpu()
-
-
-def pool_val_losses(batch_losses: list[tuple[str, Any | None]], timesteps: list[float]) -> dict[str, Any]:
-    """Overall, per-time and per-bucket loss from ``(bucket key, (B, K) losses or None)`` in batch order.
-
-    A pooled sum over every clip (float64, in batch order) divided by the number of clips.
-    """
-    sums_t = np.zeros(len(timesteps))
-    by_bucket: dict[str, list[float]] = {}
-    count = 0
-    for key, loss in batch_losses:
-        if loss is None:
-            continue
-        values = loss.double().numpy()
-        sums_t += values.sum(axis=0)
-        by_bucket.setdefault(key, []).extend(values.mean(axis=1).tolist())
-        count += len(values)
-    if count == 0:
-        raise InputError("no val clip could be decoded")
-    by_t = sums_t / count
-    return {
-        "val_loss": float(by_t.mean()),
-        "val_loss_by_t": {f"{t:g}": float(v) for t, v in zip(timesteps, by_t)},
-        "val_loss_by_bucket": {k: float(np.mean(v)) for k, v in sorted(by_bucket.items())},
-        "num_val_clips": count,
-    }
-
-
-def val_losses(
-    pipeline: Any, rows: Any, cfg: EvaluateConfig, root: Path, progress: bool = False
-) -> dict[str, Any] | None:
-    """Flow loss at fixed times on ``rows``, this rank's batches; the pooled result on rank 0 (else None)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from opensora_core.data.dataset import VideoDataset
-
-    rank, world = rank_and_world()
-    dataset = VideoDataset(rows, random_start=False, root=root)
-    mine = shard_work(plan_val_batches(pipeline, rows, cfg.batch_size), rank, world)
-    results = []
-    with torch.no_grad():
-        for j, (bucket, idx) in tqdm(mine, desc="val loss", disable=not progress):
-            results.append((j, (bucket_key(bucket), batch_val_loss(pipeline, dataset, bucket, idx, cfg))))
-    parts = gather_to_main(results)
-    return None if parts is None else pool_val_losses(merge_in_order(parts), cfg.val_timesteps)
-
-
-def vae_scores(pipeline: Any, rows: Any, root: Path, progress: bool = False) -> dict[str, Any] | None:
-    """The VAE's reconstruction PSNR/SSIM (and the temporal-mean baseline's PSNR) on the held-out
-    video clips, whole and at their own size: the VAE stage's own measurement (metrics/vae.json).
-
-    Rank r reconstructs the rows ``j % world == r`` one clip at a time; rank 0 pools the per-clip
-    errors in row order and returns the scores (None on the other ranks).
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from opensora_core.evaluation.reconstruction import ReconstructionResult, iter_clips, reconstruct
-
-    vae = pipeline.vae
-    rank, world = rank_and_world()
-    results = []
-    with torch.no_grad():
-        for j, row in tqdm(
-            shard_work(rows.to_dict("records"), rank, world), desc="reconstruct", disable=not progress
-        ):
-            result = ReconstructionResult()  # empty for a still: iter_clips skips it
-            for name, clip in iter_clips([row], vae.spatial_factor, vae.temporal_factor, root=root):
-                result.add(name, clip, reconstruct(vae, clip).cpu())
-            results.append((j, result))
-    parts = gather_to_main(results)
-    if parts is None:
-        return None
-    pooled = ReconstructionResult()
-    for result in merge_in_order(parts):
-        for f in dataclasses.fields(ReconstructionResult):
-            getattr(pooled, f.name).extend(getattr(result, f.name))
-    summary = pooled.summary()
-    return {
-        "vae_psnr": summary["psnr"],
-        "vae_ssim": summary["ssim"],
-        "vae_psnr_baseline": summary["psnr_baseline"],
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Samples and adherence
-# --------------------------------------------------------------------------------------------
-def eval_prompts(labels_path: Path, rows: Any, cfg: EvaluateConfig) -> tuple[list[str], list[Any] | None]:
-    """Prompt texts and, for MovingShapes data, the attributes each asks for (else None)."""
-    import pandas as pd
-
-    from opensora_core.evaluation.adherence import build_adherence_prompts
-
-    if labels_path.is_file():
-        prompts = build_adherence_prompts(
-            pd.read_parquet(labels_path), cfg.num_prompts, cfg.seed, split=cfg.adherence_split
-        )
-        return [p.text for p in prompts], prompts
-    texts = [str(t) for t in rows["text"]]
-    return [texts[i % len(texts)] for i in range(cfg.num_prompts)], None
-
-
-def generate_samples(
-    pipeline: Any, texts: list[str], seeds: list[int], cfg: EvaluateConfig, progress: bool = False
-) -> list[np.ndarray] | None:
-    """Sample i of ``texts`` at ``seeds[i]``; this rank's batches, all of them in order on rank 0 (else None).
-
-    Batches are ``cfg.batch_size`` consecutive prompts, each one sampler call whatever the world size.
-    """
-    from tqdm.auto import tqdm
-
-    from opensora_core.diffusion.sampling import SamplingOptions
-
-    options = SamplingOptions(num_steps=cfg.num_steps, guidance=cfg.guidance, progress=False)
-    batches = [
-        list(range(s, min(s + cfg.batch_size, len(texts)))) for s in range(0, len(texts), cfg.batch_size)
-    ]
-    rank, world = rank_and_world()
-    results = []
-    for j, idx in tqdm(shard_work(batches, rank, world), desc="samples", disable=not progress):
-        videos = pipeline.generate(
-            [texts[i] for i in idx], [seeds[i] for i in idx], options, batch_size=len(idx)
-        )
-        results.append((j, videos))
-    parts = gather_to_main(results)
-    return None if parts is None else [v for videos in merge_in_order(parts) for v in videos]
-
-
-def write_samples(
-    videos: list[np.ndarray], texts: list[str], seeds: list[int], out_dir: Path, fps: float, settings: dict
-) -> list[Path]:
-    """Each video as ``NNNN_<slug>.mp4`` (PNG for stills) with a ``.txt`` of prompt, seed and settings."""
-    # The sample CLI's writer: evaluation samples are named and described like users' samples.
-    from opensora_core.outputs import save_output
-
-    return [
-        save_output(out_dir, i, text, seed, frames, fps, settings)
-        for i, (frames, text, seed) in enumerate(zip(videos, texts, seeds))
-    ]
-
-
-def make_grid(videos: list[np.ndarray], frames_per_row: int = GRID_FRAMES, gap: int = 2) -> np.ndarray:
-    """One row per video, ``frames_per_row`` evenly spaced frames each: (H', W', 3) uint8."""
-    height = max(v.shape[1] for v in videos)
-    width = max(v.shape[2] for v in videos)
-    grid = np.full(
-        (len(videos) * (height + gap) - gap, frames_per_row * (width + gap) - gap, 3), 255, dtype=np.uint8
-    )
-    for r, video in enumerate(videos):
-        picks = np.linspace(0, len(video) - 1, frames_per_row).round().astype(int)
-        for c, f in enumerate(picks):
-            frame = video[f]
-            y, x = r * (height + gap), c * (width + gap)
-            grid[y : y + frame.shape[0], x : x + frame.shape[1]] = frame
-    return grid
-
-
-def write_plots(metrics: dict[str, Any], report_dir: Path) -> list[Path]:
-    """``val_loss_by_t.csv`` (DVC plot data) and PNG bar charts of the losses and the adherence."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    csv_path = report_dir / "val_loss_by_t.csv"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["t", "val_loss"])
-        for t, v in metrics["val_loss_by_t"].items():
-            writer.writerow([t, f"{v:.6f}"])
-    paths.append(csv_path)
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    ts = list(metrics["val_loss_by_t"])
-    axes[0].plot([float(t) for t in ts], list(metrics["val_loss_by_t"].values()), marker="o")
-    axes[0].set(xlabel="t (1 = noise)", ylabel="flow loss", title="validation loss by time")
-    attrs = [k.removeprefix("adherence_") for k in ADHERENCE_KEYS]
-    scores = [metrics.get(k) or 0.0 for k in ADHERENCE_KEYS]
-    chance = [metrics.get(f"chance_{a}") or 0.0 for a in attrs]
-    axes[1].bar(attrs, scores, label="generated")
-    axes[1].scatter(attrs, chance, color="black", marker="_", s=400, label="chance", zorder=3)
-    axes[1].set(ylim=(0, 1), title="prompt adherence")
-    axes[1].legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    png = report_dir / "metrics.png"
-    fig.savefig(png, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    paths.append(png)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,8 +90,7 @@ def evaluate(
     """
     import torch
 
-    from opensora_core.data.video_io import write_image
-    from opensora_core.evaluation.adherence import adherence_table, measure_clip, score_adherence
+    from opensora_core.evaluation.adherence import measure_clip, score_adherence
     from opensora_core.inference import T2VPipeline
 
     ecfg = cfg.evaluate
@@ -432,6 +119,7 @@ def evaluate(
     metrics = {**losses, **scores}
 
     # 3. adherence from the pixels
+    measurements = None
     if prompts is not None:
         measurements = [measure_clip(v) for v in videos]
         metrics.update(score_adherence(prompts, measurements))
@@ -440,22 +128,7 @@ def evaluate(
         metrics["num_samples"] = len(videos)
 
     # 4. reports and metrics
-    if report_dir.exists():
-        shutil.rmtree(report_dir)
-    report_dir.mkdir(parents=True)
-    settings = {
-        "model": str(model_dir),
-        "num_steps": ecfg.num_steps,
-        "guidance": ecfg.guidance,
-        "video": f"{pipeline.video.num_frames}x{pipeline.video.height}x{pipeline.video.width}",
-    }
-    write_samples(videos, texts, seeds, report_dir / "samples", pipeline.video.fps, settings)
-    write_image(report_dir / "grid.png", make_grid(videos))
-    if prompts is not None:
-        adherence_table(prompts, measurements).assign(seed=seeds).to_csv(
-            report_dir / "adherence.csv", index=False
-        )
-    write_plots(metrics, report_dir)
+    write_reports(report_dir, pipeline, model_dir, ecfg, videos, texts, seeds, prompts, measurements, metrics)
     metrics = _rounded(metrics)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -468,6 +141,41 @@ def evaluate(
         run.log_artifact(metrics_path)
         run.log_artifact(report_dir, "eval")
     return metrics
+
+
+def write_reports(
+    report_dir: Path,
+    pipeline: Any,
+    model_dir: Path,
+    ecfg: Any,
+    videos: list[Any],
+    texts: list[str],
+    seeds: list[int],
+    prompts: list[Any] | None,
+    measurements: list[Any] | None,
+    metrics: dict[str, Any],
+) -> None:
+    """``report_dir`` afresh: the samples (mp4s (T, H, W, 3) with their prompt), ``grid.png``,
+    ``adherence.csv`` (with labels) and the plots of ``metrics``."""
+    from opensora_core.data.video_io import write_image
+    from opensora_core.evaluation.adherence import adherence_table
+
+    if report_dir.exists():
+        shutil.rmtree(report_dir)
+    report_dir.mkdir(parents=True)
+    settings = {
+        "model": str(model_dir),
+        "num_steps": ecfg.num_steps,
+        "guidance": ecfg.guidance,
+        "video": f"{pipeline.video.num_frames}x{pipeline.video.height}x{pipeline.video.width}",
+    }
+    write_samples(videos, texts, seeds, report_dir / "samples", pipeline.video.fps, settings)
+    write_image(report_dir / "grid.png", make_grid(videos))
+    if prompts is not None and measurements is not None:
+        adherence_table(prompts, measurements).assign(seed=seeds).to_csv(
+            report_dir / "adherence.csv", index=False
+        )
+    write_plots(metrics, report_dir)
 
 
 def _rounded(data: Any, digits: int = 6) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,41 +76,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@job_entrypoint
-def main() -> None:
-    args = parse_args()
-    import json
+def accumulate_moments(
+    vae: torch.nn.Module, shards: Path, cfg: Any, info: Any
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int, int]:
+    """This rank's share of the clips -> per-channel (count, mean, M2) of their raw latents (C,) each,
+    with the numbers of clips encoded and skipped (no bucket fits).
 
+    The clip list is the same whatever the world size (``cfg.seed``, ``cfg.num_samples``); rank r
+    takes every world_size-th clip from position r.
+    """
     import numpy as np
     from tqdm import tqdm
 
-    from opensora_core.cli import setup_logging
-    from opensora_core.config import load_config
     from opensora_core.data.buckets import BucketOptions, Buckets
     from opensora_core.data.dataset import VideoDataset
     from opensora_core.data.shards import ShardReader
-    from opensora_core.distributed.dist import init_distributed
-    from opensora_core.tracking import start_stage_run
-    from opensora_core.training.vae_trainer import load_vae_final
 
-    setup_logging()
-    cfg = load_config(args.params, args.overrides).vae_stats
-    tracking = load_config(args.params, args.overrides).tracking
-    info = init_distributed()
-    vae = load_vae_final(args.vae).to(info.device).requires_grad_(False)
-    weights = args.vae / (
-        "ema.safetensors" if (args.vae / "ema.safetensors").is_file() else "model.safetensors"
-    )
-
-    # 1. the clips: the same list whatever the world size; this rank takes every world_size-th
-    reader = ShardReader(args.shards, split="train")
+    reader = ShardReader(shards, split="train")
     order = np.random.default_rng(cfg.seed).permutation(len(reader))[: cfg.num_samples]
     sizes = reader.columns(["height", "width", "num_frames"])
     buckets = Buckets(BucketOptions(cfg.buckets, spatial_factor=vae.spatial_factor))
     dataset = VideoDataset(reader, 1, random_start=False, seed=cfg.seed)
     mine = order[info.rank :: info.world_size]
-
-    # 2. per-channel moments of this rank's raw latents, merged clip by clip
     c = vae.latent_channels
     acc = (
         torch.zeros(c, dtype=torch.float64),
@@ -129,41 +117,77 @@ def main() -> None:
                 continue
             z = vae.encode_raw(sample["video"][None].to(info.device))
             acc = merge_moments(acc, batch_moments(z.cpu()))
+    return acc, len(mine) - skipped, skipped
 
-    # 3. exact merge across ranks; rank 0 writes the file
-    n, mean, m2 = all_reduce_moments(*acc, info.device)
-    counts = torch.tensor([float(len(mine) - skipped), float(skipped)], dtype=torch.float64)
-    from opensora_core.distributed.dist import all_reduce_sum
 
+def write_stats(
+    args: argparse.Namespace,
+    cfg: Any,
+    tracking: Any,
+    weights: Path,
+    moments: tuple,
+    clips: float,
+    skipped: float,
+) -> None:
+    """Rank 0: ``latent_stats.json`` from the merged moments (count, mean, M2) and its MLflow run."""
+    import json
+
+    from opensora_core.tracking import start_stage_run
+
+    n, mean, m2 = moments
+    std = (m2 / n.clamp_min(1)).sqrt()
+    stats = {
+        "mean": [round(float(v), 8) for v in mean],
+        "std": [round(float(v), 8) for v in std],
+        "scale": 1.0,
+        "shift": 0.0,
+        "num_samples": int(clips),
+        "num_skipped": int(skipped),
+        "num_values_per_channel": int(n[0]),
+        "vae_sha256": sha256_file(weights),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(stats, indent=2) + "\n")
+    with start_stage_run("vae_stats", tracking, params={"vae_stats": vars(cfg)}) as run:
+        run.log_metrics(
+            {
+                "num_samples": clips,
+                "mean_abs_mean": float(mean.abs().mean()),
+                "mean_std": float(std.mean()),
+            }
+        )
+        run.log_artifact(args.output)
+    print(
+        f"vae_stats: {int(clips)} clips ({int(skipped)} skipped), {len(mean)} channels, "
+        f"std {float(std.min()):.3f}..{float(std.max()):.3f} -> {args.output}",
+        flush=True,
+    )
+
+
+@job_entrypoint
+def main() -> None:
+    args = parse_args()
+    from opensora_core.cli import setup_logging
+    from opensora_core.config import load_config
+    from opensora_core.distributed.dist import all_reduce_sum, init_distributed
+    from opensora_core.models.final import load_vae_final
+
+    setup_logging()
+    config = load_config(args.params, args.overrides)
+    cfg, tracking = config.vae_stats, config.tracking
+    info = init_distributed()
+    vae = load_vae_final(args.vae).to(info.device).requires_grad_(False)
+    weights = args.vae / (
+        "ema.safetensors" if (args.vae / "ema.safetensors").is_file() else "model.safetensors"
+    )
+    # 1. this rank's clips -> per-channel moments of their raw latents
+    acc, encoded, skipped = accumulate_moments(vae, args.shards, cfg, info)
+    # 2. exact merge across ranks; rank 0 writes the file
+    moments = all_reduce_moments(*acc, info.device)
+    counts = torch.tensor([float(encoded), float(skipped)], dtype=torch.float64)
     clips, skipped_all = all_reduce_sum(counts.to(info.device)).cpu().tolist()
     if info.rank == 0:
-        std = (m2 / n.clamp_min(1)).sqrt()
-        stats = {
-            "mean": [round(float(v), 8) for v in mean],
-            "std": [round(float(v), 8) for v in std],
-            "scale": 1.0,
-            "shift": 0.0,
-            "num_samples": int(clips),
-            "num_skipped": int(skipped_all),
-            "num_values_per_channel": int(n[0]),
-            "vae_sha256": sha256_file(weights),
-        }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(stats, indent=2) + "\n")
-        with start_stage_run("vae_stats", tracking, params={"vae_stats": vars(cfg)}) as run:
-            run.log_metrics(
-                {
-                    "num_samples": clips,
-                    "mean_abs_mean": float(mean.abs().mean()),
-                    "mean_std": float(std.mean()),
-                }
-            )
-            run.log_artifact(args.output)
-        print(
-            f"vae_stats: {int(clips)} clips ({int(skipped_all)} skipped), {c} channels, "
-            f"std {float(std.min()):.3f}..{float(std.max()):.3f} -> {args.output}",
-            flush=True,
-        )
+        write_stats(args, cfg, tracking, weights, moments, clips, skipped_all)
 
 
 if __name__ == "__main__":

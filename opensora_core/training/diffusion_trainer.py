@@ -17,275 +17,104 @@ The job ``opensora_core.jobs.train_diffusion`` runs :func:`train_stage` on every
 The resume hash covers the resolved config less step counts and logging (see :data:`RUN_EXCLUDE`)
 plus what the stage read: the initial weights' sha256, the VAE's sha256 and the shards' content
 hash, so new upstream outputs start the stage fresh.
+
+This file holds the loop; the rest of a stage sits beside it: its wiring (paths, init weights,
+model, optimizer, encoders: :mod:`~opensora_core.training.diffusion_stage`), the step guards
+(:mod:`~opensora_core.training.guards`), the metric window and profiler
+(:mod:`~opensora_core.training.metrics`) and what it writes (``final/``, loss CSV, sample grid:
+:mod:`~opensora_core.training.diffusion_outputs`). Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import gc
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from opensora_core.config import Config, DiffusionConfig, DiffusionStageConfig, TrainConfig
-from opensora_core.data.buckets import Buckets
+from opensora_core.config import Config, DiffusionConfig, TrainConfig
 from opensora_core.data.dataset import VideoDataset
 from opensora_core.data.sampler import BucketBatchSampler, InfiniteLoader
 from opensora_core.data.shards import ShardReader, file_sha256
 from opensora_core.diffusion.conditions import Condition, build_conditions, sample_condition_types
 from opensora_core.diffusion.denoiser import predict_velocity
-from opensora_core.diffusion.rectified_flow import RectifiedFlow, loss_by_bin
-from opensora_core.diffusion.sampling import SamplingOptions, prepare_noise, sample_euler
+from opensora_core.diffusion.rectified_flow import RectifiedFlow
 from opensora_core.distributed.booster import build_booster, maybe_clip_grad_norm, unwrap_model
-from opensora_core.distributed.dist import DistInfo, all_reduce_sum, broadcast_object, set_seed
-from opensora_core.errors import ConfigError, InputError, NonFiniteLoss, OutOfMemory
-from opensora_core.models.mmdit import MMDIT_SIZES, MMDiT, build_mmdit, load_mmdit_weights
+from opensora_core.distributed.dist import DistInfo, broadcast_object, set_seed
+from opensora_core.errors import NonFiniteLoss
+from opensora_core.models.final import FINAL_EMA as FINAL_EMA
+from opensora_core.models.final import FINAL_FILES as FINAL_FILES
+from opensora_core.models.final import FINAL_MODEL as FINAL_MODEL
+from opensora_core.models.final import build_frozen_vae, read_latent_stats, resolve_weights_file
+from opensora_core.models.final import load_diffusion_final as load_diffusion_final
+from opensora_core.models.mmdit import MMDIT_SIZES
 from opensora_core.models.mmdit.loader import LoadReport
-from opensora_core.models.text.encoders import (
-    CachedTextEncoder,
-    TextEmbeddings,
-    TextEncoder,
-    build_text_encoder_from_config,
-    drop_conditions,
-)
+from opensora_core.models.text.encoders import TextEmbeddings, drop_conditions
 from opensora_core.tracking import NullRun, start_stage_run
 from opensora_core.training.checkpoint import (
-    RESUME_EXCLUDE,
     CheckpointedTrainer,
     find_resume_checkpoint,
     is_complete,
     resume_config_hash,
 )
-from opensora_core.training.ema import EMA
-from opensora_core.training.latent_cache import (
-    LatentCache,
-    LatentDataset,
-    build_latent_loader,
-    encode_batch_latents,
+from opensora_core.training.diffusion_outputs import (
+    new_samples_path,
+    render_samples,
+    sample_prompts,
+    sample_shape,
+    save_final,
+    write_loss_csv,
 )
+from opensora_core.training.diffusion_outputs import summary_line as summary_line
+from opensora_core.training.diffusion_stage import (
+    RUN_EXCLUDE,
+    LoadOptions,
+    StagePaths,
+    build_buckets,
+    build_model,
+    build_optimizer,
+    build_stage_encoders,
+    get_stage,
+    init_weights_path,
+    load_initial_weights,
+    position_lr_scheduler,
+    previous_stage,
+    validate_stage,
+)
+from opensora_core.training.ema import EMA
+from opensora_core.training.guards import OomGuard, bucket_key, check_finite
+from opensora_core.training.latent_cache import LatentDataset, build_latent_loader, encode_batch_latents
 from opensora_core.training.lr_schedule import build_lr_scheduler
+from opensora_core.training.metrics import MetricWindow, flop_counter, maybe_profiler
 
 log = logging.getLogger("opensora.diffusion")
 
-T = TypeVar("T")
-
-FINAL_MODEL = "model.safetensors"
-FINAL_EMA = "ema.safetensors"
-FINAL_FILES = (FINAL_MODEL, FINAL_EMA, "mmdit_config.json", "config.json", "text_encoder.json")
-
-RUN_EXCLUDE: tuple[str, ...] = (
-    *RESUME_EXCLUDE,
-    "ingest",
-    "meta",
-    "validate",
-    "shard",
-    "vae_train",
-    "vae_stats",
-    "train",
-    "diffusion.cache_dir",
-    "diffusion.sample_*",
-    "diffusion.num_samples",
-    "diffusion.loss_bins",
-)
-"""Left out of a stage's resume hash beside RESUME_EXCLUDE: the sections before training (their
-outputs enter the hash as the shard content hash and the VAE's sha256), the profiler and MFU
-settings, sample logging and the cache location. The other stages' settings are left out too."""
-
-
-# --------------------------------------------------------------------------------------------
-# Stages, paths, inputs
-# --------------------------------------------------------------------------------------------
-@dataclass
-class StagePaths:
-    """Where a stage reads and writes; every path relative to the project root unless absolute."""
-
-    shards: Path = Path("data/shards")
-    vae: Path = Path("models/vae/final")
-    latent_stats: Path = Path("models/vae/latent_stats.json")
-    models: Path = Path("models/diffusion")
-    metrics: Path = Path("metrics")
-
-    def final(self, stage: str) -> Path:
-        return self.models / stage / "final"
-
-    def ckpt(self, stage: str) -> Path:
-        return self.models / stage / "ckpt"
-
-    def loss_csv(self, stage: str) -> Path:
-        return self.metrics / f"diffusion_{stage}_loss.csv"
-
-    def summary(self, stage: str) -> Path:
-        return self.metrics / f"diffusion_{stage}.json"
-
 
 @dataclass
-class LoadOptions:
-    """``--load PATH``: start from a checkpoint folder or from weights instead of the stage's init."""
+class FlowInputs:
+    """Every random draw of one step for a batch of B: the model's inputs and the target."""
 
-    path: str = ""
-    """A complete checkpoint folder (``.../ckpt/step-NNNNNNNN``), a safetensors file or folder, or a
-    diffusion ``final/`` folder (its EMA weights); empty = no load."""
-    optimizer: bool | None = None
-    """Load the optimizer state: None = yes for a checkpoint folder (weights have none)."""
-    reset_step: bool = False
-    """Start counting steps (and the data order) at 0 instead of the checkpoint's step."""
-    redo_warmup: bool = False
-    """Run the LR warmup again from the loaded step."""
-
-    def spec(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) if self.path else {}
-
-
-def get_stage(cfg: DiffusionConfig, stage: str) -> DiffusionStageConfig:
-    """The settings of ``stage``; ConfigError listing the stages when it is not one."""
-    if stage not in cfg.stages:
-        raise ConfigError(
-            f"unknown diffusion stage {stage!r}; stages in diffusion.stages: {', '.join(cfg.stages)}"
-        )
-    return cfg.stages[stage]
-
-
-def previous_stage(cfg: DiffusionConfig, stage: str) -> str | None:
-    """The stage before ``stage`` in ``diffusion.stages``, or None for the first."""
-    names = list(cfg.stages)
-    position = names.index(stage)
-    return names[position - 1] if position > 0 else None
-
-
-def init_weights_path(cfg: DiffusionConfig, stage: str, paths: StagePaths) -> Path | None:
-    """What a stage starts from: the previous stage's final EMA weights, else ``diffusion.init_from``."""
-    prev = previous_stage(cfg, stage)
-    if prev is not None:
-        return paths.final(prev) / FINAL_EMA
-    return Path(cfg.init_from) if cfg.init_from else None
-
-
-def validate_stage(cfg: Config, stage: str, paths: StagePaths, load: LoadOptions | None = None) -> None:
-    """Check what a stage needs before launching it: ConfigError (bad settings) or InputError (a path)."""
-    stage_cfg = get_stage(cfg.diffusion, stage)
-    if cfg.diffusion.model not in MMDIT_SIZES:
-        raise ConfigError(f"unknown diffusion.model {cfg.diffusion.model!r}; sizes: {', '.join(MMDIT_SIZES)}")
-    build_buckets(stage_cfg, spatial_factor=16)  # the bucket table parses
-    if load is not None and load.path and load.optimizer and not is_complete(load.path):
-        raise ConfigError(f"--load-optimizer needs a checkpoint folder; {load.path} holds weights only")
-    needed = {
-        "shard manifest (run the shard stage)": paths.shards / "manifest.json",
-        "VAE (run the vae_train stage)": paths.vae,
-        "latent statistics (run the vae_stats stage)": paths.latent_stats,
-    }
-    init = init_weights_path(cfg.diffusion, stage, paths)
-    if load is not None and load.path:
-        needed["--load path"] = Path(load.path)
-    elif init is not None:
-        prev = previous_stage(cfg.diffusion, stage)
-        needed[f"initial weights (run diffusion_{prev})" if prev else "diffusion.init_from"] = init
-    for what, path in needed.items():
-        if not path.exists():
-            raise InputError(f"{what}: {path} not found")
-
-
-def build_buckets(stage_cfg: DiffusionStageConfig, spatial_factor: int) -> Buckets:
-    """The stage's bucket set; sides are multiples of ``spatial_factor`` (VAE factor x patch size)."""
-    return Buckets.from_config(
-        stage_cfg.buckets,
-        spatial_factor=spatial_factor,
-        max_upscale=stage_cfg.max_upscale,
-        frame_interval=stage_cfg.frame_interval,
-        stills_from_videos=stage_cfg.stills_from_videos,
-    )
-
-
-def read_latent_stats(path: Path) -> dict[str, Any]:
-    """``latent_stats.json``: ``mean``, ``std`` per channel, ``scale``, ``shift`` and ``vae_sha256``."""
-    try:
-        stats = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read the latent statistics {path}: {exc}") from exc
-    missing = [k for k in ("mean", "std", "vae_sha256") if k not in stats]
-    if missing:
-        raise InputError(f"{path} lacks {', '.join(missing)} (written by the vae_stats stage)")
-    return stats
-
-
-def build_frozen_vae(path: Path, stats: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    """The VAE of ``path`` (its EMA weights) with the latent statistics, frozen, on ``device``."""
-    from opensora_core.training.vae_trainer import load_vae_final  # diffusers: seconds to import
-
-    vae = load_vae_final(path)
-    vae.set_latent_stats(stats)
-    return vae.to(device).eval().requires_grad_(False)
-
-
-def build_stage_encoders(
-    cfg: DiffusionConfig, vae_sha256: str, shards_hash: str, device: torch.device
-) -> tuple[TextEncoder, LatentCache | None]:
-    """The frozen text encoder and, with ``diffusion.latent_cache``, the cache of this VAE, encoder and
-    data; the encoder's prompt embeddings are cached in it (else in ``text_encoder.cache_dir``, if set)."""
-    text_cfg = cfg.text_encoder
-    encoder = build_text_encoder_from_config(dataclasses.replace(text_cfg, cache_dir=""), device=device)
-    cache = LatentCache(cfg.cache_dir, vae_sha256, encoder.name, shards_hash) if cfg.latent_cache else None
-    text_cache = cache.text_dir if cache is not None else text_cfg.cache_dir
-    return (CachedTextEncoder(encoder, text_cache) if text_cache else encoder), cache
-
-
-# --------------------------------------------------------------------------------------------
-# Model, optimizer, schedule
-# --------------------------------------------------------------------------------------------
-def build_model(cfg: DiffusionConfig, text: TextEncoder, latent_channels: int, device: torch.device) -> MMDiT:
-    """The named MMDiT size on ``device``; ConfigError when its input widths do not fit the encoders."""
-    model = build_mmdit(cfg.model, device=device, checkpoint_blocks=cfg.checkpoint_blocks)
-    mc = model.config
-    wanted = {
-        "context_in_dim (text token width)": (mc.context_in_dim, text.token_dim),
-        "vec_in_dim (pooled text width)": (mc.vec_in_dim, text.pooled_dim),
-        "latent channels": (mc.latent_channels, latent_channels),
-    }
-    for what, (have, need) in wanted.items():
-        if have != need:
-            raise ConfigError(f"MMDiT size {cfg.model!r} has {what} {have}, the encoders give {need}")
-    return model
-
-
-def build_optimizer(
-    model: torch.nn.Module, cfg: DiffusionConfig, stage: DiffusionStageConfig
-) -> torch.optim.AdamW:
-    """AdamW over every trainable parameter at the stage's peak LR."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        params, lr=stage.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
-
-
-def position_lr_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, k: int) -> None:
-    """Put the scheduler at optimizer step ``k``: the next step runs with factor(k)."""
-    scheduler.last_epoch = k
-    lrs = [base * fn(k) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
-
-
-def resolve_weights_file(path: Path) -> Path:
-    """The weights file ``--load`` or ``init_from`` names: a file, a ``final/`` folder's EMA file, or a folder."""
-    if path.is_dir() and (path / FINAL_EMA).is_file() and (path / "mmdit_config.json").is_file():
-        return path / FINAL_EMA
-    return path
+    x_t: Tensor
+    """(B, C, T, H, W) noisy latents."""
+    t: Tensor
+    """(B,) times, 1 = noise."""
+    target: Tensor
+    """(B, C, T, H, W) velocity."""
+    text: TextEmbeddings
+    """Prompt embeddings after condition dropout."""
+    cond: Condition
+    """Mask (B, 1, T, H, W), masked reference (B, C, T, H, W), loss mask (B, T)."""
 
 
 class BoostedMMDiT:
@@ -304,207 +133,6 @@ class BoostedMMDiT:
 
 
 # --------------------------------------------------------------------------------------------
-# Guards
-# --------------------------------------------------------------------------------------------
-class OomGuard:
-    """Per-bucket micro-batch limits that halve when a step runs out of memory.
-
-    :meth:`run` calls ``step(micro_batch)``; on ``torch.OutOfMemoryError`` it calls ``free()``,
-    halves the bucket's limit for the rest of the run and retries the same batch in smaller
-    micro-batches (gradient accumulation keeps the batch, so the data order and the effective
-    batch size stay). At micro-batch 1, or when disabled, it raises :class:`OutOfMemory` (exit 4).
-    The limits are part of the checkpoint (:meth:`state_dict`).
-
-    With several ranks, DDP keeps one gradient reduction per step (``no_sync`` on all but the last
-    micro-batch), so an OOM in the forward pass of one rank is recovered; an OOM inside a
-    reduction, or any under ZeRO-2 (which reduces every micro-batch), leaves the other ranks
-    waiting and the job ends at the collective timeout (exit 75, retryable).
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.limits: dict[str, int] = {}
-
-    def micro_batch(self, bucket: str, batch_size: int) -> int:
-        return min(batch_size, self.limits.get(bucket, batch_size))
-
-    def run(self, bucket: str, batch_size: int, step: Callable[[int], T], free: Callable[[], None]) -> T:
-        while True:
-            micro = self.micro_batch(bucket, batch_size)
-            try:
-                return step(micro)
-            except torch.OutOfMemoryError as exc:
-                free()
-                if not self.enabled or micro <= 1:
-                    raise OutOfMemory(
-                        f"out of memory in bucket {bucket} at micro-batch {micro}"
-                        + ("" if self.enabled else " (train.oom_guard is off)")
-                    ) from exc
-                self.limits[bucket] = micro // 2
-                log.warning("out of memory in bucket %s: micro-batch %d -> %d", bucket, micro, micro // 2)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"limits": dict(self.limits)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.limits = {str(k): int(v) for k, v in state.get("limits", {}).items()}
-
-    def merge(self, others: list[dict[str, Any]]) -> None:
-        """Keep the smallest limit of every bucket over the given states (all ranks' guards)."""
-        for state in others:
-            for key, value in state.get("limits", {}).items():
-                self.limits[key] = min(int(value), self.limits.get(key, int(value)))
-
-
-def bucket_key(batch: dict[str, Any]) -> str:
-    """A batch's bucket as ``resolution/TxHxW`` (the OOM guard's and the FLOP counter's key)."""
-    b = batch["bucket"]
-    return f"{b.resolution}/{b.num_frames}x{b.height}x{b.width}"
-
-
-def check_finite(loss: Tensor, step: int, batch: dict[str, Any]) -> None:
-    """Raise :class:`NonFiniteLoss` naming the step and the batch when ``loss`` has NaN or inf."""
-    if bool(torch.isfinite(loss).all()):
-        return
-    indices = batch["index"].tolist()
-    raise NonFiniteLoss(
-        f"non-finite loss at step {step + 1} (values {loss.detach().float().cpu().tolist()[:8]}); "
-        f"batch: bucket {bucket_key(batch)}, samples {indices[:8]}, paths {batch['path'][:3]}"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Final model
-# --------------------------------------------------------------------------------------------
-def save_final(
-    directory: Path,
-    model: MMDiT,
-    ema: EMA,
-    config: dict[str, Any],
-    text_encoder: TextEncoder,
-    samples_png: Path | None = None,
-) -> Path:
-    """Write ``final/`` atomically (a temp folder renamed into place); returns the folder.
-
-    model.safetensors (raw weights, fp32), ema.safetensors (the EMA weights), mmdit_config.json,
-    config.json (the resolved config), text_encoder.json (its config, name and widths), and the
-    last samples as samples.png.
-    """
-    directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / FINAL_MODEL))
-    save_file({k: v.contiguous() for k, v in ema.module_state_dict().items()}, str(tmp / FINAL_EMA))
-    mmdit = {**dataclasses.asdict(model.config), "checkpoint_blocks": 0}
-    text = {
-        **config["diffusion"]["text_encoder"],
-        "cache_dir": "",
-        "name": text_encoder.name,
-        "token_dim": text_encoder.token_dim,
-        "pooled_dim": text_encoder.pooled_dim,
-    }
-    for name, data in (("mmdit_config.json", mmdit), ("config.json", config), ("text_encoder.json", text)):
-        (tmp / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
-    if samples_png is not None and samples_png.is_file():
-        shutil.copy2(samples_png, tmp / "samples.png")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
-
-
-def load_diffusion_final(path: str | Path, use_ema: bool = True) -> tuple[MMDiT, dict[str, Any]]:
-    """A stage's ``final/`` folder -> (the MMDiT in eval mode, its resolved config as a dict)."""
-    from opensora_core.inference import load_mmdit_final
-
-    path = Path(path)
-    missing = [name for name in FINAL_FILES if not (path / name).is_file()]
-    if missing:
-        raise InputError(f"{path} is not a diffusion final/ folder: missing {', '.join(missing)}")
-    return load_mmdit_final(path, use_ema=use_ema), json.loads((path / "config.json").read_text())
-
-
-# --------------------------------------------------------------------------------------------
-# The trainer
-# --------------------------------------------------------------------------------------------
-@dataclass
-class FlowInputs:
-    """Every random draw of one step for a batch of B: the model's inputs and the target."""
-
-    x_t: Tensor
-    """(B, C, T, H, W) noisy latents."""
-    t: Tensor
-    """(B,) times, 1 = noise."""
-    target: Tensor
-    """(B, C, T, H, W) velocity."""
-    text: TextEmbeddings
-    """Prompt embeddings after condition dropout."""
-    cond: Condition
-    """Mask (B, 1, T, H, W), masked reference (B, C, T, H, W), loss mask (B, T)."""
-
-
-@dataclass
-class MetricWindow:
-    """Sums over the steps since the last log; :meth:`reduce` adds them over the ranks."""
-
-    bins: int
-    steps: int = 0
-    loss_sum: float = 0.0
-    samples: int = 0
-    grad_norm_sum: float = 0.0
-    img_tokens: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    cache_hits: int = 0
-    bin_sums: Tensor = field(init=False)
-    bin_counts: Tensor = field(init=False)
-    start: float = field(default_factory=time.perf_counter)
-
-    def __post_init__(self) -> None:
-        self.bin_sums = torch.zeros(self.bins, dtype=torch.float64)
-        self.bin_counts = torch.zeros(self.bins, dtype=torch.float64)
-
-    def add(
-        self, losses: Tensor, t: Tensor, grad_norm: float | None, img_tokens: int, txt_tokens: int, hits: int
-    ) -> None:
-        """One step: per-sample losses (B,) at times t (B,), its grad norm, tokens and cache hits."""
-        sums, counts = loss_by_bin(losses, t, self.bins)
-        self.steps += 1
-        self.loss_sum += float(losses.sum())
-        self.samples += len(losses)
-        self.grad_norm_sum += grad_norm or 0.0
-        self.img_tokens += img_tokens
-        self.tokens += img_tokens + txt_tokens
-        self.cache_hits += hits
-        self.bin_sums += sums.double().cpu()
-        self.bin_counts += counts.double().cpu()
-
-    def reduce(self, device: torch.device) -> dict[str, float]:
-        """Means and rates of the window over every rank (a collective: all ranks call it)."""
-        scalars = [self.loss_sum, self.samples, self.grad_norm_sum, self.img_tokens, self.tokens, self.flops]
-        packed = torch.cat(
-            [torch.tensor([*scalars, self.cache_hits], dtype=torch.float64), self.bin_sums, self.bin_counts]
-        )
-        values = all_reduce_sum(packed.to(device)).cpu()
-        loss_sum, samples, grad_sum, img_tokens, tokens, flops, hits = values[:7].tolist()
-        sums, counts = values[7 : 7 + self.bins], values[7 + self.bins :]
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        out = {
-            "loss": loss_sum / max(samples, 1),
-            "grad_norm": grad_sum / max(self.steps, 1),
-            "img_tokens_per_s": img_tokens / seconds,
-            "tokens_per_s": tokens / seconds,
-            "step_time_s": seconds / max(self.steps, 1),
-            "cache_hit_rate": hits / max(samples, 1),
-            "tflops_per_device": flops / seconds / 1e12 / world,
-        }
-        for k in range(self.bins):
-            if counts[k] > 0:
-                out[f"loss_t/{k / self.bins:.1f}-{(k + 1) / self.bins:.1f}"] = float(sums[k] / counts[k])
-        return out
 
 
 class DiffusionTrainer(CheckpointedTrainer):
@@ -541,14 +169,7 @@ class DiffusionTrainer(CheckpointedTrainer):
         set_seed(self.dcfg.seed, info.rank)
         self.patch = MMDIT_SIZES[self.dcfg.model].patch_size
         self.buckets = build_buckets(self.scfg, self.vae.spatial_factor * self.patch)
-        videos = VideoDataset(
-            self.reader, self.scfg.frame_interval, random_start=self.cache is None, seed=self.dcfg.seed
-        )
-        sampler = BucketBatchSampler(
-            self.reader, self.buckets, info.world_size, info.rank, seed=self.dcfg.seed, drop_last=True
-        )
-        loader = build_latent_loader(LatentDataset(videos, self.cache), sampler, self.dcfg.num_workers)
-        self.loader = InfiniteLoader(loader, sampler)
+        self.loader = self._build_loader()
 
         # 3. identity of this run -> resume decision
         if self.load.path:
@@ -565,19 +186,7 @@ class DiffusionTrainer(CheckpointedTrainer):
         self.run.set_tags({"resume": reason[:250]})
 
         # 4. model (the same initial weights on every rank), EMA, optimizer, booster
-        torch.manual_seed(self.dcfg.seed)
-        model = build_model(self.dcfg, self.text_encoder, self.vae.latent_channels, self.device)
-        self.load_report: LoadReport | None = None
-        if self.resume_path is None and self.init_path is not None and not is_complete(self.init_path):
-            # The previous stage's weights fit exactly; released or --load weights may not.
-            strict = not self.load.path and previous_stage(self.dcfg, stage) is not None
-            self.load_report = self._load_weights(model, self.init_path, strict)
-        set_seed(self.dcfg.seed, info.rank)
-        self.ema = EMA(model, self.dcfg.ema_decay)
-        self.booster = build_booster(self.dcfg.plugin, self.dcfg.precision, self.dcfg.grad_clip)
-        optimizer = build_optimizer(model, self.dcfg, self.scfg)
-        self.model, self.optimizer, *_ = self.booster.boost(model, optimizer)
-        self.mmdit = BoostedMMDiT(self.model)
+        self._build_model()
 
         # 5. training state: fresh, resumed, or from --load
         self.guard = OomGuard(self.tcfg.oom_guard)
@@ -598,6 +207,38 @@ class DiffusionTrainer(CheckpointedTrainer):
         self.count_flops = self.device.type == "cuda" and self.tcfg.peak_tflops > 0
 
     # ---- setup helpers -----------------------------------------------------------------------
+    def _build_loader(self) -> InfiniteLoader:
+        """Shard rows -> bucket batches of this rank (resumable sampler) -> cached latents or clips."""
+        videos = VideoDataset(
+            self.reader, self.scfg.frame_interval, random_start=self.cache is None, seed=self.dcfg.seed
+        )
+        sampler = BucketBatchSampler(
+            self.reader,
+            self.buckets,
+            self.info.world_size,
+            self.info.rank,
+            seed=self.dcfg.seed,
+            drop_last=True,
+        )
+        loader = build_latent_loader(LatentDataset(videos, self.cache), sampler, self.dcfg.num_workers)
+        return InfiniteLoader(loader, sampler)
+
+    def _build_model(self) -> None:
+        """The MMDiT with its initial weights (the same on every rank), the EMA, AdamW and the booster."""
+        torch.manual_seed(self.dcfg.seed)
+        model = build_model(self.dcfg, self.text_encoder, self.vae.latent_channels, self.device)
+        self.load_report: LoadReport | None = None
+        if self.resume_path is None and self.init_path is not None and not is_complete(self.init_path):
+            # The previous stage's weights fit exactly; released or --load weights may not.
+            strict = not self.load.path and previous_stage(self.dcfg, self.stage) is not None
+            self.load_report = load_initial_weights(model, self.init_path, strict, self.run)
+        set_seed(self.dcfg.seed, self.info.rank)
+        self.ema = EMA(model, self.dcfg.ema_decay)
+        self.booster = build_booster(self.dcfg.plugin, self.dcfg.precision, self.dcfg.grad_clip)
+        optimizer = build_optimizer(model, self.dcfg, self.scfg)
+        self.model, self.optimizer, *_ = self.booster.boost(model, optimizer)
+        self.mmdit = BoostedMMDiT(self.model)
+
     def _resolved_config(self, stats: dict[str, Any]) -> dict[str, Any]:
         """The config plus what this stage read (hashes), as saved beside checkpoints and final/."""
         init_sha = ""
@@ -613,22 +254,6 @@ class DiffusionTrainer(CheckpointedTrainer):
             "load": self.load.spec(),
         }
         return {**self.cfg.to_dict(), "run": run}
-
-    def _load_weights(self, model: MMDiT, path: Path, strict: bool) -> LoadReport:
-        """Copy weights by key into the plain model; log the report and keep it with the run."""
-        report = load_mmdit_weights(model, path, strict=strict)
-        log.info("initial weights: %s", report)
-        self.run.log_dict(
-            {
-                "path": str(path),
-                "loaded": len(report.loaded),
-                "missing": report.missing,
-                "unexpected": report.unexpected,
-                "mismatched": [list(map(str, m)) for m in report.mismatched],
-            },
-            "load_report.json",
-        )
-        return report
 
     def _restore(self) -> None:
         """Resume the matching checkpoint, or apply ``--load`` of a checkpoint folder."""
@@ -724,7 +349,7 @@ class DiffusionTrainer(CheckpointedTrainer):
         # 2. forward and backward under the OOM guard (FLOPs counted once per shape on GPU)
         key = bucket_key(batch)
         counting = self.count_flops and (key, len(x0)) not in self.flops
-        with _flop_counter(counting) as counter:
+        with flop_counter(counting) as counter:
             losses = self.guard.run(
                 key, len(x0), lambda micro: self.forward_backward(inputs, micro, batch), self.free_memory
             )
@@ -761,7 +386,7 @@ class DiffusionTrainer(CheckpointedTrainer):
             desc=f"diffusion {self.stage}",
             disable=not (rank0 and progress),
         )
-        with _maybe_profiler(self.tcfg, self.run, rank0) as profiler:
+        with maybe_profiler(self.tcfg, self.run, rank0) as profiler:
             while self.step < self.scfg.steps:
                 losses = self.train_step(next(self.loader), window)
                 bar.update(1)
@@ -826,28 +451,23 @@ class DiffusionTrainer(CheckpointedTrainer):
         self.history.append(row)
         write_loss_csv(self.paths.loss_csv(self.stage), self.history)
 
-    @torch.no_grad()
     def log_samples(self) -> Path | None:
         """Rank 0: a PNG of EMA samples at fixed seeds (rows: prompts, columns: frames), logged to MLflow."""
-        from opensora_core.training.vae_trainer import save_frame_grid
-
         prompts = sample_prompts(self.paths.shards, self.dcfg.num_samples)
         if not prompts:
             return None
-        frames, height, width = sample_shape(self.buckets)
-        shape = self.vae.latent_shape(frames, height, width)
-        # Building the sampling copy draws initial weights: keep the training RNG streams untouched.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            model = build_mmdit(unwrap_model(self.model).config, device=self.device, checkpoint_blocks=0)
-        self.ema.copy_to(model.eval())
-        noise = prepare_noise(list(range(len(prompts))), shape, self.device)
-        opts = SamplingOptions(num_steps=self.dcfg.sample_num_steps, guidance=self.dcfg.sample_guidance)
-        text = self.text_encoder.encode(prompts).to(self.device)
-        latents = sample_euler(model, noise, text, self.null_text, opts, self.dcfg.flow)
-        del model
-        video = self.vae.decode(latents.to(next(self.vae.parameters()).dtype)).float().cpu()
-        out = Path(tempfile.mkdtemp(prefix="opensora-samples-")) / f"samples-step-{self.step:06d}.png"
-        save_frame_grid(list(video), out, max_frames=8)
+        out = render_samples(
+            self.ema,
+            unwrap_model(self.model).config,
+            self.vae,
+            self.text_encoder,
+            self.null_text,
+            prompts,
+            sample_shape(self.buckets),
+            self.dcfg,
+            self.device,
+            new_samples_path(self.step),
+        )
         self.run.log_artifact(out, "samples")
         return out
 
@@ -866,83 +486,6 @@ class DiffusionTrainer(CheckpointedTrainer):
         }
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
-    """The loss curve (step, loss, lr, grad_norm) as CSV, for ``dvc plots``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "grad_norm"])
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
-
-
-def sample_prompts(shards: Path, n: int) -> list[str]:
-    """The captions of the first ``n`` held-out rows (training rows when there is no ``val`` split)."""
-    if n <= 0:
-        return []
-    try:
-        reader = ShardReader(shards, split="val")
-    except InputError:
-        reader = ShardReader(shards, split="train")
-    return [str(reader[i]["text"]) for i in range(min(n, len(reader)))]
-
-
-def sample_shape(buckets: Buckets) -> tuple[int, int, int]:
-    """(T, H, W) of the samples: the stage's largest square bucket (else its largest)."""
-    every = buckets.all()
-    square = [b for b in every if b.height == b.width]
-    return (square or every)[0].shape
-
-
-@contextlib.contextmanager
-def _flop_counter(enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        yield counter
-
-
-@contextlib.contextmanager
-def _maybe_profiler(tcfg: TrainConfig, run: NullRun, rank0: bool) -> Iterator[Any]:
-    """``train.profile_steps`` > 0: a torch.profiler trace of that many steps, logged as an artifact."""
-    if tcfg.profile_steps <= 0:
-        yield None
-        return
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    out = Path(tempfile.mkdtemp(prefix="opensora-trace-"))
-    traces: list[Path] = []
-
-    def export(prof: Any) -> None:
-        path = out / f"trace-rank{int(os.environ.get('RANK', 0)):03d}-step{prof.step_num}.json"
-        prof.export_chrome_trace(str(path))
-        traces.append(path)
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    plan = schedule(wait=tcfg.profile_wait, warmup=1, active=tcfg.profile_steps, repeat=1)
-    with profile(activities=activities, schedule=plan, on_trace_ready=export, record_shapes=True) as prof:
-        yield prof
-    if not traces:
-        log.warning(
-            "train.profile_steps: the run ended before the profiler's %d steps",
-            tcfg.profile_wait + 1 + tcfg.profile_steps,
-        )
-    elif rank0:
-        for path in traces:
-            run.log_artifact(path, "profiler")
-        log.info("profiler trace: %s", ", ".join(map(str, traces)))
-
-
-# --------------------------------------------------------------------------------------------
-# The job's body
-# --------------------------------------------------------------------------------------------
 def train_stage(
     cfg: Config,
     stage: str,
@@ -962,14 +505,3 @@ def train_stage(
         summary = trainer.fit(progress)
         run.log_artifact(paths.loss_csv(stage))
     return summary
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    """One line for the stage CLI."""
-    resumed = f", resumed from {Path(summary['resumed_from']).name}" if summary.get("resumed_from") else ""
-    loss = summary["final_loss"]
-    loss_text = f"{loss:.4f}" if math.isfinite(loss) else "n/a"
-    return (
-        f"{summary['stage']}: {summary['steps']} steps ({summary['steps_run']} run{resumed}), "
-        f"final loss {loss_text}, {summary['train_seconds']:.0f}s training"
-    )

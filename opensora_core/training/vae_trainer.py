@@ -31,7 +31,8 @@ from opensora_core.data.sampler import BucketBatchSampler, InfiniteLoader
 from opensora_core.data.shards import ShardReader
 from opensora_core.distributed.booster import build_booster, maybe_clip_grad_norm, unwrap_model
 from opensora_core.distributed.dist import DistInfo, all_reduce_sum, barrier, set_seed
-from opensora_core.errors import InputError, NonFiniteLoss
+from opensora_core.errors import NonFiniteLoss
+from opensora_core.models.final import load_vae_final as load_vae_final
 from opensora_core.models.vae import VaeModelConfig, VideoAutoencoder, build_vae
 from opensora_core.models.vae.discriminator import PatchDiscriminator3D
 from opensora_core.models.vae.losses import LPIPS, VaeLoss
@@ -313,15 +314,6 @@ class VaeTrainer(CheckpointedTrainer):
 # --------------------------------------------------------------------------------------------
 # Helpers shared with the other VAE stages
 # --------------------------------------------------------------------------------------------
-def load_vae_final(path: str | Path, use_ema: bool = True) -> VideoAutoencoder:
-    """The VAE of a ``models/vae/final/`` folder (EMA weights by default), on CPU, in eval mode."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"VAE folder not found: {path} (run the vae_train stage first)")
-    name = "ema" if use_ema and (path / "ema.safetensors").is_file() else "model"
-    return VideoAutoencoder.load(path, name).eval()
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

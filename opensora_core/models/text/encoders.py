@@ -13,152 +13,29 @@ Two kinds:
 - ``t5_clip``: the Open-Sora pair: T5 encoder token states, CLIP text pooled vector
   (``pooler_output`` or the projected ``text_embeds``), both from local folders.
 
-Condition dropout (for classifier-free guidance) replaces the token states and the pooled vector
-of a sample, each with its own probability, by the encoder's empty-prompt embeddings.
-:class:`TextEmbeddingCache` stores per-prompt embeddings as safetensors so repeated prompts are
-encoded once.
+The embeddings, the :class:`TextEncoder` contract and condition dropout live in
+:mod:`~opensora_core.models.text.embeddings`; the embedding cache in
+:mod:`~opensora_core.models.text.cache`. Their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import uuid
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from opensora_core.config import CLIP_OUTPUTS, ENCODER_KINDS, TEXT_DTYPES, TextEncoderConfig
 from opensora_core.errors import ConfigError, InputError
+from opensora_core.models.text.cache import CachedTextEncoder as CachedTextEncoder
+from opensora_core.models.text.cache import TextEmbeddingCache as TextEmbeddingCache
+from opensora_core.models.text.embeddings import TextEmbeddings as TextEmbeddings
+from opensora_core.models.text.embeddings import TextEncoder as TextEncoder
+from opensora_core.models.text.embeddings import drop_conditions as drop_conditions
 
 DEFAULT_MAX_LENGTH = {"minilm": 32, "t5_clip": 300}
 CLIP_MAX_LENGTH = 77
 DTYPES = {name: getattr(torch, name) for name in TEXT_DTYPES}
-
-
-# --------------------------------------------------------------------------------------------
-# Embeddings
-# --------------------------------------------------------------------------------------------
-@dataclass
-class TextEmbeddings:
-    """A batch of encoded prompts.
-
-    tokens: (B, L, D) token states, zero where ``mask`` is False.
-    mask: (B, L) bool, True on real tokens.
-    pooled: (B, Dp) one vector per prompt.
-    """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    pooled: torch.Tensor
-
-    def __post_init__(self) -> None:
-        b, length, _ = self.tokens.shape
-        if tuple(self.mask.shape) != (b, length) or self.pooled.shape[0] != b or self.pooled.ndim != 2:
-            raise ValueError(
-                f"inconsistent text embeddings: tokens {tuple(self.tokens.shape)}, "
-                f"mask {tuple(self.mask.shape)}, pooled {tuple(self.pooled.shape)}"
-            )
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> TextEmbeddings:
-        """Move to ``device``; ``dtype`` applies to ``tokens`` and ``pooled`` (the mask stays bool)."""
-        return TextEmbeddings(
-            tokens=self.tokens.to(device=device, dtype=dtype),
-            mask=self.mask.to(device=device),
-            pooled=self.pooled.to(device=device, dtype=dtype),
-        )
-
-    def select(self, index: torch.Tensor | list[int] | slice) -> TextEmbeddings:
-        """Rows ``index`` of the batch."""
-        return TextEmbeddings(self.tokens[index], self.mask[index], self.pooled[index])
-
-    @staticmethod
-    def cat(items: list[TextEmbeddings]) -> TextEmbeddings:
-        """Stack batches along the batch dimension (all with the same L, D and Dp)."""
-        if not items:
-            raise ValueError("cannot concatenate an empty list of text embeddings")
-        return TextEmbeddings(
-            tokens=torch.cat([e.tokens for e in items]),
-            mask=torch.cat([e.mask for e in items]),
-            pooled=torch.cat([e.pooled for e in items]),
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Encoders
-# --------------------------------------------------------------------------------------------
-class TextEncoder(ABC):
-    """A frozen prompt encoder.
-
-    ``name`` identifies what the encoder computes (kind, model, max_length, dtype): equal names
-    give equal embeddings, so it keys the embedding cache.
-    """
-
-    max_length: int
-    device: torch.device
-    use_pooled: bool = True
-    """False: :meth:`encode` returns zero pooled vectors (see ``TextEncoderConfig.use_pooled``)."""
-
-    def __init__(self) -> None:
-        self._null: TextEmbeddings | None = None
-
-    @property
-    @abstractmethod
-    def name(self) -> str: ...
-
-    @property
-    @abstractmethod
-    def token_dim(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def pooled_dim(self) -> int: ...
-
-    @abstractmethod
-    def _encode_batch(self, prompts: list[str]) -> TextEmbeddings:
-        """Encode one batch; called under ``torch.no_grad``."""
-
-    def encode(self, prompts: list[str], batch_size: int = 64) -> TextEmbeddings:
-        """Encode ``prompts`` (B strings) to tokens (B, max_length, D), mask, pooled (B, Dp)."""
-        prompts = _check_prompts(prompts)
-        with torch.no_grad():
-            parts = [
-                self._encode_batch(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)
-            ]
-        emb = TextEmbeddings.cat(parts)
-        if not self.use_pooled:
-            emb = TextEmbeddings(emb.tokens, emb.mask, torch.zeros_like(emb.pooled))
-        return emb
-
-    def _pooled_suffix(self) -> str:
-        """Part of ``name``: what the pooled vector is, when not the encoder's own."""
-        return "" if self.use_pooled else "|pooled=zeros"
-
-    def null_embeddings(self) -> TextEmbeddings:
-        """The empty prompt's embeddings, batch of one; computed once per encoder."""
-        if self._null is None or self._null.tokens.device != self.device:
-            self._null = self.encode([""])
-        return self._null
-
-    def to(self, device: torch.device | str) -> TextEncoder:
-        """Move the encoder's weights to ``device``; returns self."""
-        self.device = torch.device(device)
-        for module in self._modules():
-            module.to(self.device)
-        return self
-
-    def _modules(self) -> list[torch.nn.Module]:
-        return []
 
 
 class MiniLMEncoder(TextEncoder):
@@ -200,13 +77,17 @@ class MiniLMEncoder(TextEncoder):
         self.model = _frozen(AutoModel.from_pretrained(path, local_files_only=True), dtype, self.device)
         layers = self.model.config.num_hidden_layers
         if not -1 <= token_layer <= layers:
-            raise ConfigError(f"minilm token_layer must be in [-1, {layers}] for {identity}, got {token_layer}")
+            raise ConfigError(
+                f"minilm token_layer must be in [-1, {layers}] for {identity}, got {token_layer}"
+            )
         self.token_layer = token_layer
 
     @property
     def name(self) -> str:
         layer = f"|token_layer={self.token_layer}" if self.token_layer != -1 else ""
-        return f"minilm|{self._identity}|max_length={self.max_length}{layer}|{self.dtype}{self._pooled_suffix()}"
+        return (
+            f"minilm|{self._identity}|max_length={self.max_length}{layer}|{self.dtype}{self._pooled_suffix()}"
+        )
 
     @property
     def token_dim(self) -> int:
@@ -294,40 +175,6 @@ class T5ClipEncoder(TextEncoder):
         return TextEmbeddings(tokens, mask, pooled.to(hidden.dtype))
 
 
-class CachedTextEncoder(TextEncoder):
-    """An encoder whose prompts are looked up in a :class:`TextEmbeddingCache` first."""
-
-    def __init__(self, encoder: TextEncoder, cache_dir: str | Path) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.cache = TextEmbeddingCache(cache_dir, encoder.name)
-        self.max_length = encoder.max_length
-        self.device = encoder.device
-
-    @property
-    def name(self) -> str:
-        return self.encoder.name
-
-    @property
-    def token_dim(self) -> int:
-        return self.encoder.token_dim
-
-    @property
-    def pooled_dim(self) -> int:
-        return self.encoder.pooled_dim
-
-    def to(self, device: torch.device | str) -> CachedTextEncoder:
-        self.encoder.to(device)
-        self.device = self.encoder.device
-        return self
-
-    def encode(self, prompts: list[str], batch_size: int = 64) -> TextEmbeddings:
-        return self.cache.encode(self.encoder, prompts, batch_size=batch_size)
-
-    def _encode_batch(self, prompts: list[str]) -> TextEmbeddings:  # pragma: no cover - encode overrides
-        return self.encode(prompts)
-
-
 def build_text_encoder(
     kind: str = "minilm",
     *,
@@ -386,145 +233,6 @@ def build_text_encoder_from_config(cfg: TextEncoderConfig, device: torch.device 
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Condition dropout
-# --------------------------------------------------------------------------------------------
-def drop_conditions(
-    emb: TextEmbeddings,
-    null: TextEmbeddings,
-    *,
-    token_prob: float,
-    pooled_prob: float,
-    generator: torch.Generator | None = None,
-) -> tuple[TextEmbeddings, torch.Tensor, torch.Tensor]:
-    """Replace token states and pooled vectors by the empty prompt's, per sample.
-
-    emb: batch (B, L, D) / (B, Dp); null: the empty prompt, batch of one, same L, D and Dp.
-    Two uniforms are drawn per sample from ``generator`` (always, whatever the probabilities, so
-    the random stream does not depend on them): the first decides the tokens (and their mask),
-    the second the pooled vector. Returns the new embeddings and the (B,) bool flags
-    ``dropped_tokens``, ``dropped_pooled``.
-    """
-    b = len(emb)
-    if null.tokens.shape[1:] != emb.tokens.shape[1:] or null.pooled.shape[1:] != emb.pooled.shape[1:]:
-        raise ValueError(
-            f"empty-prompt embeddings {tuple(null.tokens.shape)} / {tuple(null.pooled.shape)} do not match "
-            f"the batch {tuple(emb.tokens.shape)} / {tuple(emb.pooled.shape)}"
-        )
-    draws = torch.rand(2, b, generator=generator, device=generator.device if generator is not None else None)
-    device = emb.tokens.device
-    dropped_tokens = (draws[0] < token_prob).to(device)
-    dropped_pooled = (draws[1] < pooled_prob).to(device)
-    null = null.to(device=device, dtype=emb.tokens.dtype)
-    tokens = torch.where(dropped_tokens[:, None, None], null.tokens, emb.tokens)
-    mask = torch.where(dropped_tokens[:, None], null.mask, emb.mask)
-    pooled = torch.where(dropped_pooled[:, None], null.pooled, emb.pooled)
-    return TextEmbeddings(tokens, mask, pooled), dropped_tokens, dropped_pooled
-
-
-# --------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------
-class TextEmbeddingCache:
-    """Per-prompt text embeddings stored as safetensors under ``root/<encoder digest>/``.
-
-    A prompt's file is named by the SHA-256 of the prompt; it holds the masked token rows
-    ``tokens (n, D)``, the full ``mask (L,)`` and ``pooled (Dp,)``, with the prompt and the encoder
-    name in its metadata (checked on read). Positions outside the mask come back as zeros, which
-    is what every :class:`TextEncoder` returns, so a hit equals a fresh encoding. Files are written
-    to a temporary name and renamed, so concurrent writers never expose a partial file.
-    """
-
-    def __init__(self, root: str | Path, encoder_name: str) -> None:
-        self.encoder_name = encoder_name
-        self.root = Path(root) / _sha256(encoder_name)[:16]
-        self.hits = 0
-        self.misses = 0
-
-    def path_for(self, prompt: str) -> Path:
-        """The file that holds ``prompt``'s embeddings."""
-        digest = _sha256(prompt)
-        return self.root / digest[:2] / f"{digest}.safetensors"
-
-    def get(self, prompt: str) -> TextEmbeddings | None:
-        """The cached embeddings of ``prompt`` (batch of one, on CPU), or None."""
-        from safetensors import SafetensorError, safe_open
-
-        path = self.path_for(prompt)
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("prompt") != prompt or meta.get("encoder") != self.encoder_name:
-                    return None
-                rows, mask, pooled = f.get_tensor("tokens"), f.get_tensor("mask"), f.get_tensor("pooled")
-        except (OSError, SafetensorError):
-            return None
-        tokens = rows.new_zeros(mask.shape[0], rows.shape[1])
-        tokens[mask] = rows
-        return TextEmbeddings(tokens[None], mask[None], pooled[None])
-
-    def put(self, prompt: str, emb: TextEmbeddings) -> None:
-        """Store ``emb`` (batch of one) as ``prompt``'s embeddings."""
-        from safetensors.torch import save_file
-
-        if len(emb) != 1:
-            raise ValueError(f"put stores one prompt at a time, got a batch of {len(emb)}")
-        mask = emb.mask[0].detach().cpu()
-        tensors = {
-            "tokens": emb.tokens[0].detach().cpu()[mask].contiguous(),
-            "mask": mask.contiguous(),
-            "pooled": emb.pooled[0].detach().cpu().contiguous(),
-        }
-        path = self.path_for(prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        info = self.root / "encoder.json"
-        if not info.is_file():
-            _atomic_write_text(info, json.dumps({"encoder": self.encoder_name}, indent=2) + "\n")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        save_file(tensors, str(tmp), metadata={"prompt": prompt, "encoder": self.encoder_name})
-        os.replace(tmp, path)
-
-    def encode(
-        self, encoder: TextEncoder, prompts: list[str], batch_size: int = 64, progress: bool = False
-    ) -> TextEmbeddings:
-        """Embeddings of ``prompts`` (B, ...) on ``encoder.device``; each distinct miss is encoded once."""
-        if encoder.name != self.encoder_name:
-            raise ValueError(f"cache is for encoder {self.encoder_name!r}, got {encoder.name!r}")
-        prompts = _check_prompts(prompts)
-        found: dict[str, TextEmbeddings] = {}
-        missing: list[str] = []
-        for prompt in dict.fromkeys(prompts):
-            cached = self.get(prompt)
-            if cached is None:
-                missing.append(prompt)
-            else:
-                found[prompt] = cached
-        self.hits += len(found)
-        self.misses += len(missing)
-        starts = range(0, len(missing), batch_size)
-        for start in tqdm(starts, desc="text embeddings", disable=not progress or len(starts) < 2):
-            chunk = missing[start : start + batch_size]
-            fresh = encoder.encode(chunk, batch_size=batch_size)
-            for i, prompt in enumerate(chunk):
-                row = fresh.select(slice(i, i + 1))
-                self.put(prompt, row)
-                found[prompt] = row
-        return TextEmbeddings.cat([found[p].to(encoder.device) for p in prompts])
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-def _check_prompts(prompts: list[str]) -> list[str]:
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be a list of strings")
-    if not prompts:
-        raise ValueError("prompts must not be empty")
-    return list(prompts)
-
-
 def _check_model_dir(path: Path, what: str) -> None:
     if not (path / "config.json").is_file():
         raise InputError(f"{what}: no model at {path} (expected a save_pretrained folder with config.json)")
@@ -544,13 +252,3 @@ def _tokenize(
         prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
     return batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

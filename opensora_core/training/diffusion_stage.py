@@ -1,0 +1,213 @@
+"""A diffusion stage's wiring: where it reads and writes, what it starts from, its buckets, model,
+optimizer and encoders, and the checks run before a job is launched.
+
+Everything here is built once per stage by :class:`opensora_core.training.diffusion_trainer.DiffusionTrainer`
+(and :func:`validate_stage` by the stage CLI, before torchrun starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opensora_core.config import Config, DiffusionConfig, DiffusionStageConfig
+from opensora_core.data.buckets import Buckets
+from opensora_core.errors import ConfigError, InputError
+from opensora_core.models.final import FINAL_EMA
+from opensora_core.models.mmdit import MMDIT_SIZES, MMDiT, build_mmdit, load_mmdit_weights
+from opensora_core.models.mmdit.loader import LoadReport
+from opensora_core.models.text.encoders import CachedTextEncoder, TextEncoder, build_text_encoder_from_config
+from opensora_core.tracking import NullRun
+from opensora_core.training.checkpoint import RESUME_EXCLUDE, is_complete
+from opensora_core.training.latent_cache import LatentCache
+
+log = logging.getLogger("opensora.diffusion")
+
+RUN_EXCLUDE: tuple[str, ...] = (
+    *RESUME_EXCLUDE,
+    "ingest",
+    "meta",
+    "validate",
+    "shard",
+    "vae_train",
+    "vae_stats",
+    "train",
+    "diffusion.cache_dir",
+    "diffusion.sample_*",
+    "diffusion.num_samples",
+    "diffusion.loss_bins",
+)
+"""Left out of a stage's resume hash beside RESUME_EXCLUDE: the sections before training (their
+outputs enter the hash as the shard content hash and the VAE's sha256), the profiler and MFU
+settings, sample logging and the cache location. The other stages' settings are left out too."""
+
+
+@dataclass
+class StagePaths:
+    """Where a stage reads and writes; every path relative to the project root unless absolute."""
+
+    shards: Path = Path("data/shards")
+    vae: Path = Path("models/vae/final")
+    latent_stats: Path = Path("models/vae/latent_stats.json")
+    models: Path = Path("models/diffusion")
+    metrics: Path = Path("metrics")
+
+    def final(self, stage: str) -> Path:
+        return self.models / stage / "final"
+
+    def ckpt(self, stage: str) -> Path:
+        return self.models / stage / "ckpt"
+
+    def loss_csv(self, stage: str) -> Path:
+        return self.metrics / f"diffusion_{stage}_loss.csv"
+
+    def summary(self, stage: str) -> Path:
+        return self.metrics / f"diffusion_{stage}.json"
+
+
+@dataclass
+class LoadOptions:
+    """``--load PATH``: start from a checkpoint folder or from weights instead of the stage's init."""
+
+    path: str = ""
+    """A complete checkpoint folder (``.../ckpt/step-NNNNNNNN``), a safetensors file or folder, or a
+    diffusion ``final/`` folder (its EMA weights); empty = no load."""
+    optimizer: bool | None = None
+    """Load the optimizer state: None = yes for a checkpoint folder (weights have none)."""
+    reset_step: bool = False
+    """Start counting steps (and the data order) at 0 instead of the checkpoint's step."""
+    redo_warmup: bool = False
+    """Run the LR warmup again from the loaded step."""
+
+    def spec(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if self.path else {}
+
+
+def get_stage(cfg: DiffusionConfig, stage: str) -> DiffusionStageConfig:
+    """The settings of ``stage``; ConfigError listing the stages when it is not one."""
+    if stage not in cfg.stages:
+        raise ConfigError(
+            f"unknown diffusion stage {stage!r}; stages in diffusion.stages: {', '.join(cfg.stages)}"
+        )
+    return cfg.stages[stage]
+
+
+def previous_stage(cfg: DiffusionConfig, stage: str) -> str | None:
+    """The stage before ``stage`` in ``diffusion.stages``, or None for the first."""
+    names = list(cfg.stages)
+    position = names.index(stage)
+    return names[position - 1] if position > 0 else None
+
+
+def init_weights_path(cfg: DiffusionConfig, stage: str, paths: StagePaths) -> Path | None:
+    """What a stage starts from: the previous stage's final EMA weights, else ``diffusion.init_from``."""
+    prev = previous_stage(cfg, stage)
+    if prev is not None:
+        return paths.final(prev) / FINAL_EMA
+    return Path(cfg.init_from) if cfg.init_from else None
+
+
+def validate_stage(cfg: Config, stage: str, paths: StagePaths, load: LoadOptions | None = None) -> None:
+    """Check what a stage needs before launching it: ConfigError (bad settings) or InputError (a path)."""
+    stage_cfg = get_stage(cfg.diffusion, stage)
+    if cfg.diffusion.model not in MMDIT_SIZES:
+        raise ConfigError(f"unknown diffusion.model {cfg.diffusion.model!r}; sizes: {', '.join(MMDIT_SIZES)}")
+    build_buckets(stage_cfg, spatial_factor=16)  # the bucket table parses
+    if load is not None and load.path and load.optimizer and not is_complete(load.path):
+        raise ConfigError(f"--load-optimizer needs a checkpoint folder; {load.path} holds weights only")
+    needed = {
+        "shard manifest (run the shard stage)": paths.shards / "manifest.json",
+        "VAE (run the vae_train stage)": paths.vae,
+        "latent statistics (run the vae_stats stage)": paths.latent_stats,
+    }
+    init = init_weights_path(cfg.diffusion, stage, paths)
+    if load is not None and load.path:
+        needed["--load path"] = Path(load.path)
+    elif init is not None:
+        prev = previous_stage(cfg.diffusion, stage)
+        needed[f"initial weights (run diffusion_{prev})" if prev else "diffusion.init_from"] = init
+    for what, path in needed.items():
+        if not path.exists():
+            raise InputError(f"{what}: {path} not found")
+
+
+def build_buckets(stage_cfg: DiffusionStageConfig, spatial_factor: int) -> Buckets:
+    """The stage's bucket set; sides are multiples of ``spatial_factor`` (VAE factor x patch size)."""
+    return Buckets.from_config(
+        stage_cfg.buckets,
+        spatial_factor=spatial_factor,
+        max_upscale=stage_cfg.max_upscale,
+        frame_interval=stage_cfg.frame_interval,
+        stills_from_videos=stage_cfg.stills_from_videos,
+    )
+
+
+def build_stage_encoders(
+    cfg: DiffusionConfig, vae_sha256: str, shards_hash: str, device: torch.device
+) -> tuple[TextEncoder, LatentCache | None]:
+    """The frozen text encoder and, with ``diffusion.latent_cache``, the cache of this VAE, encoder and
+    data; the encoder's prompt embeddings are cached in it (else in ``text_encoder.cache_dir``, if set)."""
+    text_cfg = cfg.text_encoder
+    encoder = build_text_encoder_from_config(dataclasses.replace(text_cfg, cache_dir=""), device=device)
+    cache = LatentCache(cfg.cache_dir, vae_sha256, encoder.name, shards_hash) if cfg.latent_cache else None
+    text_cache = cache.text_dir if cache is not None else text_cfg.cache_dir
+    return (CachedTextEncoder(encoder, text_cache) if text_cache else encoder), cache
+
+
+# --------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+# --------------------------------------------------------------------------------------------
+def build_model(cfg: DiffusionConfig, text: TextEncoder, latent_channels: int, device: torch.device) -> MMDiT:
+    """The named MMDiT size on ``device``; ConfigError when its input widths do not fit the encoders."""
+    model = build_mmdit(cfg.model, device=device, checkpoint_blocks=cfg.checkpoint_blocks)
+    mc = model.config
+    wanted = {
+        "context_in_dim (text token width)": (mc.context_in_dim, text.token_dim),
+        "vec_in_dim (pooled text width)": (mc.vec_in_dim, text.pooled_dim),
+        "latent channels": (mc.latent_channels, latent_channels),
+    }
+    for what, (have, need) in wanted.items():
+        if have != need:
+            raise ConfigError(f"MMDiT size {cfg.model!r} has {what} {have}, the encoders give {need}")
+    return model
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: DiffusionConfig, stage: DiffusionStageConfig
+) -> torch.optim.AdamW:
+    """AdamW over every trainable parameter at the stage's peak LR."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params, lr=stage.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+
+
+def position_lr_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, k: int) -> None:
+    """Put the scheduler at optimizer step ``k``: the next step runs with factor(k)."""
+    scheduler.last_epoch = k
+    lrs = [base * fn(k) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def load_initial_weights(model: MMDiT, path: Path, strict: bool, run: NullRun) -> LoadReport:
+    """Copy weights by key into the plain model; log the report and keep it with the run."""
+    report = load_mmdit_weights(model, path, strict=strict)
+    log.info("initial weights: %s", report)
+    run.log_dict(
+        {
+            "path": str(path),
+            "loaded": len(report.loaded),
+            "missing": report.missing,
+            "unexpected": report.unexpected,
+            "mismatched": [list(map(str, m)) for m in report.mismatched],
+        },
+        "load_report.json",
+    )
+    return report
