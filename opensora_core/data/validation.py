@@ -109,100 +109,118 @@ def _duplicate_reason(r: Row) -> str:
     return f"duplicate path {_fmt(r['path'])} ({where})"
 
 
-def build_checks(cfg: ValidateConfig) -> list[Check]:
-    """The expectations of the suite, in report order."""
-    import great_expectations as gx
-    from great_expectations.expectations.row_conditions import Column
+class _CheckFactory:
+    """Builds :class:`Check` objects on GX expectations, each scoped to a row condition."""
 
-    ex = gx.expectations
-    is_ok = Column("status") == "ok"
-    conditions = {"all": None, "ok": is_ok, "videos": is_ok & (Column("num_frames") > 1)}
+    def __init__(self) -> None:
+        import great_expectations as gx
+        from great_expectations.expectations.row_conditions import Column
+
+        self.ex = gx.expectations
+        is_ok = Column("status") == "ok"
+        self.conditions = {"all": None, "ok": is_ok, "videos": is_ok & (Column("num_frames") > 1)}
 
     def check(
-        name: str, scope: str, description: str, reason: Callable[[Row], str], kind: type, **kw: Any
+        self, name: str, scope: str, description: str, reason: Callable[[Row], str], kind: type, **kw: Any
     ) -> Check:
-        expectation = kind(row_condition=conditions[scope], meta={"name": name}, **kw)
+        expectation = kind(row_condition=self.conditions[scope], meta={"name": name}, **kw)
         return Check(name, description, reason, expectation, scope)
 
-    def present(scope: str, col: str, why: str) -> Check:
+    def present(self, scope: str, col: str, why: str) -> Check:
         reason = f"{col} is missing ({why})"
-        return check(
+        return self.check(
             f"{col}_present",
             scope,
             f"{col} is present",
             lambda r: reason,
-            ex.ExpectColumnValuesToNotBeNull,
+            self.ex.ExpectColumnValuesToNotBeNull,
             column=col,
         )
 
-    def between(name: str, scope: str, col: str, lo: float, hi: float, unit: str = "") -> Check:
+    def between(self, name: str, scope: str, col: str, lo: float, hi: float, unit: str = "") -> Check:
         span = f"[{_fmt(lo)}, {_fmt(hi)}]{unit}"
-        return check(
+        return self.check(
             name,
             scope,
             f"{col} within {span}",
             lambda r: f"{col} {_fmt(r[col])} outside {span}",
-            ex.ExpectColumnValuesToBeBetween,
+            self.ex.ExpectColumnValuesToBeBetween,
             column=col,
             min_value=lo,
             max_value=hi,
         )
 
-    def status_reason(r: Row) -> str:
-        error = r.get("error")
-        detail = f": {error}" if isinstance(error, str) and error else ""
-        return f"status is {_fmt(r['status'])}{detail}"
 
+def _status_reason(r: Row) -> str:
+    error = r.get("error")
+    detail = f": {error}" if isinstance(error, str) and error else ""
+    return f"status is {_fmt(r['status'])}{detail}"
+
+
+def _row_checks(f: _CheckFactory, cfg: ValidateConfig) -> list[Check]:
+    """Checks on every row: a probe result, a unique path, a caption long enough."""
     n_text = cfg.min_text_length
     return [
-        present("all", "status", "no probe result"),
-        check(
+        f.present("all", "status", "no probe result"),
+        f.check(
             "status_ok",
             "all",
             "status is ok",
-            status_reason,
-            ex.ExpectColumnValuesToBeInSet,
+            _status_reason,
+            f.ex.ExpectColumnValuesToBeInSet,
             column="status",
             value_set=["ok"],
         ),
-        present("all", "path", "no file to read"),
-        check(
+        f.present("all", "path", "no file to read"),
+        f.check(
             "path_unique",
             "all",
             "path is unique",
             _duplicate_reason,
-            ex.ExpectColumnValuesToBeUnique,
+            f.ex.ExpectColumnValuesToBeUnique,
             column="path",
         ),
-        present("all", "text", "no caption"),
-        check(
+        f.present("all", "text", "no caption"),
+        f.check(
             "text_min_length",
             "all",
             f"text has >= {n_text} characters (stripped)",
             lambda r: f"text {_fmt(r['text'])} shorter than {n_text} characters (stripped)",
-            ex.ExpectColumnValuesToBeBetween,
+            f.ex.ExpectColumnValuesToBeBetween,
             column=TEXT_LENGTH,
             min_value=n_text,
         ),
-        present("ok", "num_frames", "not probed"),
-        check(
+    ]
+
+
+def _geometry_checks(f: _CheckFactory, cfg: ValidateConfig) -> list[Check]:
+    """Checks on probed rows (frames, size, aspect ratio) and on videos (frame rate)."""
+    return [
+        f.present("ok", "num_frames", "not probed"),
+        f.check(
             "num_frames_min",
             "ok",
             "num_frames >= 1",
             lambda r: f"num_frames {_fmt(r['num_frames'])} < 1",
-            ex.ExpectColumnValuesToBeBetween,
+            f.ex.ExpectColumnValuesToBeBetween,
             column="num_frames",
             min_value=1,
         ),
-        present("ok", "height", "not probed"),
-        between("height_range", "ok", "height", cfg.min_side, cfg.max_side, " px"),
-        present("ok", "width", "not probed"),
-        between("width_range", "ok", "width", cfg.min_side, cfg.max_side, " px"),
-        present("ok", "aspect_ratio", "not probed"),
-        between("aspect_ratio_range", "ok", "aspect_ratio", cfg.min_aspect_ratio, cfg.max_aspect_ratio),
-        present("videos", "fps", "a video without a frame rate"),
-        between("fps_range", "videos", "fps", cfg.min_fps, cfg.max_fps),
+        f.present("ok", "height", "not probed"),
+        f.between("height_range", "ok", "height", cfg.min_side, cfg.max_side, " px"),
+        f.present("ok", "width", "not probed"),
+        f.between("width_range", "ok", "width", cfg.min_side, cfg.max_side, " px"),
+        f.present("ok", "aspect_ratio", "not probed"),
+        f.between("aspect_ratio_range", "ok", "aspect_ratio", cfg.min_aspect_ratio, cfg.max_aspect_ratio),
+        f.present("videos", "fps", "a video without a frame rate"),
+        f.between("fps_range", "videos", "fps", cfg.min_fps, cfg.max_fps),
     ]
+
+
+def build_checks(cfg: ValidateConfig) -> list[Check]:
+    """The expectations of the suite, in report order."""
+    factory = _CheckFactory()
+    return _row_checks(factory, cfg) + _geometry_checks(factory, cfg)
 
 
 def prepare_table(table: pd.DataFrame) -> pd.DataFrame:

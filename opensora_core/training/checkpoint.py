@@ -247,47 +247,24 @@ def save_checkpoint(
 
     # 1. Rank 0 clears leftovers of an interrupted save and makes the temp folder.
     if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale in ckpt_dir.glob(f"{_OLD_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+        _fresh_tmp(ckpt_dir, tmp)
     barrier()
-
     # 2. Model and optimizer: collectives under ZeRO, so every rank takes part.
-    if booster is not None:
-        booster.save_model(model, str(tmp / "model.pt"))
-        if optimizer is not None:
-            booster.save_optimizer(optimizer, str(tmp / "optimizer.pt"))
-    elif rank == 0:
-        torch.save(unwrap_model(model).state_dict(), tmp / "model.pt")
-        if optimizer is not None:
-            torch.save(unwrap_optimizer(optimizer).state_dict(), tmp / "optimizer.pt")
-
+    _save_model_and_optimizer(tmp, model, optimizer, booster, rank)
     # 3. Replicated state: rank 0 writes it once.
     if rank == 0:
-        if lr_scheduler is not None:
-            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        if ema is not None:
-            torch.save(ema.state_dict(), tmp / "ema.pt")
         sampler_state = sampler.state_dict() if hasattr(sampler, "state_dict") else sampler
         trainer_state = {"step": step, "sampler": sampler_state, "extra": dict(extra or {})}
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        if config is not None:
-            (tmp / "config.json").write_text(json.dumps(_config_dict(config), indent=2, default=str))
         meta = {
             "step": step,
             "config_hash": config_hash,
             "world_size": world_size,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-
+        _save_replicated(tmp, trainer_state, meta, lr_scheduler=lr_scheduler, ema=ema, config=config)
     # 4. Every rank its own RNG states.
     torch.save(get_rng_states(), tmp / "rng" / f"rank-{rank:05d}.pt")
     barrier()
-
     # 5. Rank 0 makes it durable, marks it complete and renames it into place.
     if rank == 0:
         _fsync_tree(tmp)
@@ -298,6 +275,50 @@ def save_checkpoint(
         log.info("saved checkpoint %s", final)
     barrier()
     return final
+
+
+def _fresh_tmp(ckpt_dir: Path, tmp: Path) -> None:
+    """Remove the leftovers of interrupted saves and make an empty ``tmp`` with its ``rng/``."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in ckpt_dir.glob(f"{_OLD_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    (tmp / "rng").mkdir(parents=True)
+
+
+def _save_model_and_optimizer(
+    tmp: Path, model: torch.nn.Module, optimizer: Any, booster: Any, rank: int
+) -> None:
+    """Through the Booster on every rank (ZeRO gathers shards), else ``torch.save`` on rank 0."""
+    if booster is not None:
+        booster.save_model(model, str(tmp / "model.pt"))
+        if optimizer is not None:
+            booster.save_optimizer(optimizer, str(tmp / "optimizer.pt"))
+    elif rank == 0:
+        torch.save(unwrap_model(model).state_dict(), tmp / "model.pt")
+        if optimizer is not None:
+            torch.save(unwrap_optimizer(optimizer).state_dict(), tmp / "optimizer.pt")
+
+
+def _save_replicated(
+    tmp: Path,
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    lr_scheduler: Any = None,
+    ema: Any = None,
+    config: Any = None,
+) -> None:
+    """Rank 0's files: scheduler, EMA, trainer state, the resolved config and ``meta.json``."""
+    if lr_scheduler is not None:
+        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+    if ema is not None:
+        torch.save(ema.state_dict(), tmp / "ema.pt")
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    if config is not None:
+        (tmp / "config.json").write_text(json.dumps(_config_dict(config), indent=2, default=str))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def _publish(tmp: Path, final: Path) -> None:
