@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config, ValidateConfig
@@ -32,6 +33,16 @@ def read_table(path: Path) -> pd.DataFrame:
         raise InputError(f"cannot read {path} as parquet: {exc}") from exc
 
 
+def check_parquet(path: Path) -> None:
+    """Raise :class:`InputError` unless ``path`` is a readable parquet file (footer only)."""
+    if not path.is_file():
+        raise InputError(f"input table not found: {path} (run the meta stage first)")
+    try:
+        pq.ParquetFile(path).close()
+    except Exception as exc:
+        raise InputError(f"cannot read {path} as parquet: {exc}") from exc
+
+
 def run_validate(
     input_path: Path,
     clean_path: Path,
@@ -39,17 +50,26 @@ def run_validate(
     report_dir: Path,
     cfg: ValidateConfig,
     run: NullRun | None = None,
+    batch_rows: int = 100_000,
 ) -> str:
     """Validate ``input_path``, write every output, log to ``run``, then apply the gate.
 
-    Returns the summary line; raises :class:`GateFailed` after writing when the gate fails.
+    The table is read in batches of ``batch_rows`` rows (memory bounded by the batch). Returns
+    the summary line; raises :class:`GateFailed` after writing when the gate fails.
     """
-    table = read_table(input_path)
+    check_parquet(input_path)
     # Great Expectations is imported only once the input is known to exist.
-    from opensora_core.data.validation import check_gate, validate, write_validation
+    from opensora_core.data.validation import check_gate, write_validation
+    from opensora_core.data.validation_batches import validate_parquet
 
-    result = validate(table, cfg)
-    paths = write_validation(result, clean_path, quarantine_path, report_dir)
+    # The clean rows stream to a temporary file, renamed once every batch has passed the suite.
+    tmp = clean_path.with_name(f".{clean_path.name}.tmp")
+    try:
+        result = validate_parquet(input_path, tmp, cfg, batch_rows=batch_rows)
+        tmp.replace(clean_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    paths = write_validation(result, clean_path, quarantine_path, report_dir, clean_written=True)
     r = result.report
     log.info(
         "clean rows -> %s, quarantined rows -> %s, reports -> %s", clean_path, quarantine_path, report_dir

@@ -22,7 +22,6 @@ Quarantined rows keep their columns plus ``input_row`` (the row id), ``failed_ex
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from opensora_core.config import ValidateConfig
+from opensora_core.data.validation_html import render_html
 from opensora_core.errors import GateFailed, InputError
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ KEPT_ROW = "_kept_row"
 HELPER_COLUMNS = (ROW_ID, TEXT_LENGTH)
 REQUIRED_COLUMNS = ("path", "text", "num_frames", "height", "width", "aspect_ratio", "fps", "status")
 QUARANTINE_COLUMNS = ("input_row", "failed_expectations", "reason")
-HTML_MAX_ROWS = 500
-"""Quarantined rows listed in the HTML report (the parquet file holds all of them)."""
 DUPLICATE_POLICY = (
     "the first row of a duplicated path (lowest input row) that passes every other expectation "
     "stays clean; the other occurrences are quarantined"
@@ -223,24 +221,35 @@ def build_checks(cfg: ValidateConfig) -> list[Check]:
     return _row_checks(factory, cfg) + _geometry_checks(factory, cfg)
 
 
-def prepare_table(table: pd.DataFrame) -> pd.DataFrame:
-    """A copy of ``table`` with the helper columns the suite reads (row id, stripped caption length)."""
-    missing = [col for col in REQUIRED_COLUMNS if col not in table.columns]
-    if missing:
-        raise InputError(
-            f"metadata table lacks column(s) {', '.join(missing)}; it has: {', '.join(map(str, table.columns))}"
-        )
-    clash = [col for col in (*HELPER_COLUMNS, *QUARANTINE_COLUMNS) if col in table.columns]
-    if clash:
-        raise InputError(f"metadata table has reserved column(s) {', '.join(clash)}")
+def prepare_table(table: pd.DataFrame, first_row: int = 0) -> pd.DataFrame:
+    """A copy of ``table`` with the helper columns the suite reads (row id, stripped caption length).
+
+    Row ids start at ``first_row``: a batch of a larger table keeps its rows' input positions.
+    """
+    check_columns(list(table.columns))
     frame = table.reset_index(drop=True).copy()
-    frame[ROW_ID] = np.arange(len(frame), dtype=np.int64)
+    frame[ROW_ID] = np.arange(first_row, first_row + len(frame), dtype=np.int64)
     frame[TEXT_LENGTH] = frame["text"].map(lambda t: float(len(t.strip())) if isinstance(t, str) else np.nan)
     return frame
 
 
-def run_suite(frame: pd.DataFrame, checks: list[Check]) -> dict[str, list[int]]:
-    """Run the GX suite on ``frame``; returns check name -> row ids of its unexpected rows."""
+def check_columns(columns: list[str]) -> None:
+    """Raise :class:`InputError` when required columns are missing or reserved ones present."""
+    missing = [col for col in REQUIRED_COLUMNS if col not in columns]
+    if missing:
+        raise InputError(
+            f"metadata table lacks column(s) {', '.join(missing)}; it has: {', '.join(map(str, columns))}"
+        )
+    clash = [col for col in (*HELPER_COLUMNS, *QUARANTINE_COLUMNS) if col in columns]
+    if clash:
+        raise InputError(f"metadata table has reserved column(s) {', '.join(clash)}")
+
+
+def build_suite_runner(checks: list[Check]) -> Callable[[pd.DataFrame], dict[str, list[int]]]:
+    """One GX context, suite and validation definition, run on each frame it is given.
+
+    The returned function maps a prepared frame to check name -> row ids of its unexpected rows.
+    """
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
@@ -256,20 +265,47 @@ def run_suite(frame: pd.DataFrame, checks: list[Check]) -> dict[str, list[int]]:
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name="metadata", data=batch_definition, suite=suite)
     )
-    results = definition.run(
-        batch_parameters={"dataframe": frame},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_ID]},
-    )
-    unexpected: dict[str, list[int]] = {}
-    for res in results.results:
-        name = res.expectation_config.meta["name"]
-        if res.exception_info.get("raised_exception"):
-            raise RuntimeError(
-                f"expectation {name} could not run: {res.exception_info.get('exception_message')}"
-            )
-        index_list = res.result.get("unexpected_index_list") or []
-        unexpected[name] = sorted(int(item[ROW_ID]) for item in index_list)
-    return unexpected
+
+    def run(frame: pd.DataFrame) -> dict[str, list[int]]:
+        results = definition.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_ID]},
+        )
+        unexpected: dict[str, list[int]] = {}
+        for res in results.results:
+            name = res.expectation_config.meta["name"]
+            if res.exception_info.get("raised_exception"):
+                raise RuntimeError(
+                    f"expectation {name} could not run: {res.exception_info.get('exception_message')}"
+                )
+            index_list = res.result.get("unexpected_index_list") or []
+            unexpected[name] = sorted(int(item[ROW_ID]) for item in index_list)
+        return unexpected
+
+    return run
+
+
+def run_suite(frame: pd.DataFrame, checks: list[Check]) -> dict[str, list[int]]:
+    """Run the GX suite on ``frame``; returns check name -> row ids of its unexpected rows."""
+    return build_suite_runner(checks)(frame)
+
+
+def quarantine_records(
+    bad: pd.DataFrame, failed: dict[int, list[str]], kept: dict[Any, int], checks: list[Check]
+) -> pd.DataFrame:
+    """The quarantined rows of a prepared frame with ``input_row``, ``failed_expectations``, ``reason``.
+
+    ``kept`` maps a duplicated path to the row id of its clean occurrence (the reasons name it).
+    """
+    quarantine = bad.copy()
+    by_name = {chk.name: chk for chk in checks}
+    records = quarantine.to_dict("records")
+    for rec in records:
+        rec[KEPT_ROW] = kept.get(rec["path"])
+    quarantine["input_row"] = quarantine[ROW_ID]
+    quarantine["failed_expectations"] = [",".join(failed[r[ROW_ID]]) for r in records]
+    quarantine["reason"] = ["; ".join(by_name[n].reason(r) for n in failed[r[ROW_ID]]) for r in records]
+    return quarantine.drop(columns=list(HELPER_COLUMNS)).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,58 +314,35 @@ def run_suite(frame: pd.DataFrame, checks: list[Check]) -> dict[str, list[int]]:
 def validate(table: pd.DataFrame, cfg: ValidateConfig) -> ValidationResult:
     """Split the metadata ``table`` into clean and quarantined rows and build the report.
 
-    Raises :class:`InputError` when required columns are missing. The gate is separate
-    (:func:`check_gate`), so that a caller can write the outputs before it fails.
+    The whole table is one batch of :class:`~opensora_core.data.validation_batches.BatchValidator`
+    (the stage streams a parquet file through it batch by batch). Raises :class:`InputError`
+    when required columns are missing. The gate is separate (:func:`check_gate`), so that a
+    caller can write the outputs before it fails.
     """
-    # 1. Run the suite on a copy with the helper columns.
-    frame = prepare_table(table)
-    checks = build_checks(cfg)
-    unexpected = run_suite(frame, checks)
+    from opensora_core.data.validation_batches import BatchValidator, find_duplicate_paths
 
-    # 2. Failed expectations per row id, in suite order.
-    failed: dict[int, list[str]] = {}
-    for chk in checks:
-        for row_id in unexpected[chk.name]:
-            failed.setdefault(row_id, []).append(chk.name)
-
-    # 3. Duplicate policy: the first occurrence that passes everything else stays clean.
-    kept: dict[Any, int] = {}
-    for row_id in unexpected["path_unique"]:
-        path = frame.at[row_id, "path"]
-        if failed[row_id] == ["path_unique"] and path not in kept:
-            kept[path] = row_id
-            del failed[row_id]
-
-    # 4. Route rows by row id.
-    bad = frame[ROW_ID].isin(list(failed))
-    clean = frame.loc[~bad].drop(columns=list(HELPER_COLUMNS)).reset_index(drop=True)
-    quarantine = frame.loc[bad].copy()
-    by_name = {chk.name: chk for chk in checks}
-    records = quarantine.to_dict("records")
-    for rec in records:
-        rec[KEPT_ROW] = kept.get(rec["path"])
-    quarantine["input_row"] = quarantine[ROW_ID]
-    quarantine["failed_expectations"] = [",".join(failed[r[ROW_ID]]) for r in records]
-    quarantine["reason"] = ["; ".join(by_name[n].reason(r) for n in failed[r[ROW_ID]]) for r in records]
-    quarantine = quarantine.drop(columns=list(HELPER_COLUMNS)).reset_index(drop=True)
-
-    report = build_report(frame, clean, quarantine, checks, unexpected, failed, cfg)
+    table = table.reset_index(drop=True)
+    check_columns(list(table.columns))
+    validator = BatchValidator(cfg, find_duplicate_paths([table["path"]]))
+    keep = validator.add(table)
+    clean = table.loc[keep].reset_index(drop=True)
+    quarantine, report = validator.finish(len(clean), count_by(clean, "split"))
     return ValidationResult(clean=clean, quarantine=quarantine, report=report)
 
 
 def build_report(
-    frame: pd.DataFrame,
-    clean: pd.DataFrame,
+    rows: int,
+    clean_rows: int,
+    clean_by_split: dict[str, int],
     quarantine: pd.DataFrame,
     checks: list[Check],
-    unexpected: dict[str, list[int]],
+    unexpected_counts: dict[str, int],
     failed: dict[int, list[str]],
     cfg: ValidateConfig,
 ) -> dict[str, Any]:
     """The JSON-able validation report: counts, expectations, thresholds, gate result."""
     import great_expectations as gx
 
-    rows = len(frame)
     quarantined_by: dict[str, int] = {chk.name: 0 for chk in checks}
     for names in failed.values():
         for name in names:
@@ -342,8 +355,8 @@ def build_report(
             "column": chk.expectation.column,
             "applies_to": chk.scope,
             "description": chk.description,
-            "success": not unexpected[chk.name],
-            "unexpected_count": len(unexpected[chk.name]),
+            "success": not unexpected_counts[chk.name],
+            "unexpected_count": unexpected_counts[chk.name],
             "quarantined_count": quarantined_by[chk.name],
         }
         for chk in checks
@@ -351,13 +364,13 @@ def build_report(
     top = sorted(((n, k) for n, k in quarantined_by.items() if k), key=lambda item: (-item[1], item[0]))
     return {
         "rows": rows,
-        "clean": len(clean),
+        "clean": clean_rows,
         "quarantined": len(quarantine),
         "bad_fraction": bad_fraction,
         "max_bad_fraction": cfg.max_bad_fraction,
         "passed": bad_fraction <= cfg.max_bad_fraction,
-        "clean_by_split": _count_by(clean, "split"),
-        "quarantined_by_status": _count_by(quarantine, "status"),
+        "clean_by_split": clean_by_split,
+        "quarantined_by_status": count_by(quarantine, "status"),
         "quarantined_by_expectation": dict(top),
         "expectations": expectations,
         "thresholds": dataclasses.asdict(cfg),
@@ -366,7 +379,7 @@ def build_report(
     }
 
 
-def _count_by(table: pd.DataFrame, column: str) -> dict[str, int]:
+def count_by(table: pd.DataFrame, column: str) -> dict[str, int]:
     if column not in table.columns or table.empty:
         return {}
     counts = table[column].fillna("<missing>").astype(str).value_counts()
@@ -390,9 +403,15 @@ def check_gate(result: ValidationResult) -> None:
 # Writing
 # --------------------------------------------------------------------------------------------
 def write_validation(
-    result: ValidationResult, clean_path: Path, quarantine_path: Path, report_dir: Path
+    result: ValidationResult,
+    clean_path: Path,
+    quarantine_path: Path,
+    report_dir: Path,
+    *,
+    clean_written: bool = False,
 ) -> dict[str, Path]:
-    """Write clean.parquet, quarantine.parquet, validation.json and validation.html."""
+    """Write clean.parquet (unless ``clean_written``: streamed already), quarantine.parquet,
+    validation.json and validation.html."""
     paths = {
         "clean": Path(clean_path),
         "quarantine": Path(quarantine_path),
@@ -401,106 +420,9 @@ def write_validation(
     }
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    result.clean.to_parquet(paths["clean"], index=False)
+    if not clean_written:
+        result.clean.to_parquet(paths["clean"], index=False)
     result.quarantine.to_parquet(paths["quarantine"], index=False)
     paths["json"].write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
     paths["html"].write_text(render_html(result.report, result.quarantine))
     return paths
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
-h1 { margin-bottom: 0.2rem; } .verdict { font-size: 1.2rem; font-weight: 600; }
-.pass { color: #1a7f37; } .fail { color: #cf222e; }
-table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
-th, td { border: 1px solid #d0d7de; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; } tr.bad td:first-child { border-left: 4px solid #cf222e; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-"""
-
-
-def _table(headers: list[str], rows: list[list[Any]], row_classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        cells = "".join(
-            f'<td class="num">{v}</td>' if isinstance(v, int | float) else f"<td>{html.escape(str(v))}</td>"
-            for v in row
-        )
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def render_html(report: dict[str, Any], quarantine: pd.DataFrame) -> str:
-    """A self-contained HTML page (inline CSS, no scripts) of the report and quarantined rows."""
-    ok = report["passed"]
-    verdict = "PASSED" if ok else "FAILED"
-    summary = _table(
-        ["rows", "clean", "quarantined", "bad fraction", "max bad fraction"],
-        [
-            [
-                report["rows"],
-                report["clean"],
-                report["quarantined"],
-                f"{100 * report['bad_fraction']:.1f}%",
-                f"{100 * report['max_bad_fraction']:.1f}%",
-            ]
-        ],
-    )
-    expectations = _table(
-        ["expectation", "applies to", "requirement", "GX type", "unexpected", "quarantined"],
-        [
-            [
-                e["name"],
-                e["applies_to"],
-                e["description"],
-                e["expectation_type"],
-                e["unexpected_count"],
-                e["quarantined_count"],
-            ]
-            for e in report["expectations"]
-        ],
-        ["" if e["success"] else "bad" for e in report["expectations"]],
-    )
-    splits = _table(["split", "clean rows"], [[k, v] for k, v in report["clean_by_split"].items()])
-    thresholds = _table(
-        ["key", "value"], [[f"validate.{k}", str(v)] for k, v in report["thresholds"].items()]
-    )
-    shown = quarantine.head(HTML_MAX_ROWS)
-    columns = [
-        c for c in ("input_row", "path", "status", "failed_expectations", "reason") if c in shown.columns
-    ]
-    rows = [[_cell(v) for v in rec] for rec in shown[columns].itertuples(index=False)]
-    more = (
-        f"<p>Showing the first {HTML_MAX_ROWS} of {len(quarantine)} rows; all are in quarantine.parquet.</p>"
-        if len(quarantine) > HTML_MAX_ROWS
-        else ""
-    )
-    quarantined = _table(columns, rows) if rows else "<p>No rows were quarantined.</p>"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Metadata validation</title><style>{_CSS}</style></head>
-<body>
-<h1>Metadata validation</h1>
-<p class="verdict {"pass" if ok else "fail"}">{verdict}</p>
-{summary}
-<h2>Expectations</h2>
-<p>Great Expectations {html.escape(str(report["great_expectations_version"]))}; duplicate paths:
-{html.escape(report["duplicate_policy"])}.</p>
-{expectations}
-<h2>Clean rows per split</h2>
-{splits}
-<h2>Quarantined rows</h2>
-{more}{quarantined}
-<h2>Thresholds</h2>
-{thresholds}
-</body></html>
-"""
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value)
