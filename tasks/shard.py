@@ -13,18 +13,35 @@ from pathlib import Path
 
 from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config, ShardConfig
-from opensora_core.data.shards import MANIFEST, write_shards
+from opensora_core.data.shards import BATCH_ROWS, BUCKET_ROWS, MANIFEST, write_shards_from_parquet
 from opensora_core.errors import InputError
 from opensora_core.tracking import NullRun, start_stage_run
-from tasks.validate import read_table
+from tasks.validate import check_parquet
 
 
 def run_shard(
-    input_path: Path, output_dir: Path, cfg: ShardConfig, run: NullRun | None = None, progress: bool = True
+    input_path: Path,
+    output_dir: Path,
+    cfg: ShardConfig,
+    run: NullRun | None = None,
+    progress: bool = True,
+    batch_rows: int = BATCH_ROWS,
+    bucket_rows: int = BUCKET_ROWS,
 ) -> str:
-    """Shard ``input_path`` into ``output_dir``, log counts and the manifest; returns the summary."""
-    table = read_table(input_path)
-    manifest = write_shards(table, output_dir, cfg, source=str(input_path), progress=progress)
+    """Shard ``input_path`` into ``output_dir``, log counts and the manifest; returns the summary.
+
+    The table is streamed (``batch_rows`` rows at a time, ``bucket_rows`` sorted in memory).
+    """
+    check_parquet(input_path)
+    manifest = write_shards_from_parquet(
+        input_path,
+        output_dir,
+        cfg,
+        source=str(input_path),
+        progress=progress,
+        batch_rows=batch_rows,
+        bucket_rows=bucket_rows,
+    )
     if run is not None:
         metrics = {"rows": manifest["num_rows"], "shards": manifest["num_shards"]}
         metrics.update({f"rows.{split}": n for split, n in manifest["rows_per_split"].items()})

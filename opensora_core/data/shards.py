@@ -20,8 +20,9 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from bisect import bisect_right
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "opensora-shards/1"
 SPLIT_COLUMN = "split"
+RANK_COLUMN = "__shard_rank"
+BATCH_ROWS = 100_000
+"""Rows per record batch when streaming the input table."""
+BUCKET_ROWS = 200_000
+"""Most rows held in memory while writing shards (a run of consecutive shards, at least one)."""
 
 
 def shard_name(index: int) -> str:
@@ -116,16 +122,42 @@ def write_shards(
     source: str = "",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write ``table`` as parquet shards plus ``manifest.json`` into ``out_dir``; returns the manifest.
-
-    Stale shards and manifest in ``out_dir`` are removed first; the manifest is written last,
-    through a temporary file, so a folder with a manifest is always complete.
-    """
+    """Write a table held in memory as shards: :func:`write_shards_from_parquet` on a parquet copy."""
     if "path" not in table.columns:
         raise InputError(
             f"the table to shard has no 'path' column; it has: {', '.join(map(str, table.columns))}"
         )
-    if table.empty:
+    with tempfile.TemporaryDirectory(prefix="shard-input-") as tmp:
+        path = Path(tmp) / "table.parquet"
+        table.reset_index(drop=True).to_parquet(path, index=False)
+        return write_shards_from_parquet(path, out_dir, cfg, source=source, progress=progress)
+
+
+def write_shards_from_parquet(
+    input_path: str | Path,
+    out_dir: str | Path,
+    cfg: ShardConfig,
+    *,
+    source: str = "",
+    progress: bool = True,
+    batch_rows: int = BATCH_ROWS,
+    bucket_rows: int = BUCKET_ROWS,
+) -> dict[str, Any]:
+    """Write the parquet table ``input_path`` as shards plus ``manifest.json`` into ``out_dir``.
+
+    Memory is bounded by ``batch_rows`` and ``bucket_rows`` rows plus 40 bytes of sort key per
+    row: (1) the table is streamed once for the keys, (2) streamed again, each row appended to
+    the spill file of the bucket (a run of consecutive shards) it sorts into, (3) each bucket is
+    sorted and written as its shards. Stale shards and manifest in ``out_dir`` are removed
+    first; the manifest is written last, through a temporary file, so a folder with a manifest
+    is always complete.
+    """
+    input_file = pq.ParquetFile(input_path)
+    columns = input_file.schema_arrow.names
+    if "path" not in columns:
+        raise InputError(f"the table to shard has no 'path' column; it has: {', '.join(columns)}")
+    num_rows = input_file.metadata.num_rows
+    if num_rows == 0:
         raise InputError("the table to shard has no rows (did validation quarantine everything?)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,44 +165,134 @@ def write_shards(
     if stale:
         log.info("removed %d stale shard file(s) from %s", stale, out_dir)
 
-    # 1. Order rows by content, convert once so that every shard shares one schema.
-    table = table.reset_index(drop=True)
-    ordered = pa.Table.from_pandas(table.iloc[shard_order(table, cfg.seed)], preserve_index=False)
+    # 1. Sort keys of every row; the shards' schema from the first batch as pandas converts it.
+    keys, ties, schema = _sort_keys(input_file, cfg.seed, batch_rows)
+    rank = np.empty(num_rows, dtype=np.int64)
+    rank[np.lexsort((ties, *keys.T[::-1]))] = np.arange(num_rows)
+    sizes = shard_sizes(num_rows, cfg)
 
-    # 2. Write the shards.
+    # 2. Spill every row into its bucket, 3. sort each bucket and write its shards.
     shards: list[dict[str, Any]] = []
-    start = 0
-    sizes = shard_sizes(len(table), cfg)
-    for index, rows in enumerate(tqdm(sizes, desc="shards", unit="shard", disable=not progress)):
-        part = ordered.slice(start, rows)
-        path = out_dir / shard_name(index)
-        pq.write_table(part, path)
-        shards.append(
-            {
-                "file": path.name,
-                "rows": rows,
-                "rows_per_split": _split_counts(part),
-                "sha256": file_sha256(path),
-            }
-        )
-        start += rows
+    bar = tqdm(total=len(sizes), desc="shards", unit="shard", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix=".shard-spill-", dir=out_dir.parent) as spill:
+        groups = _bucket_shards(sizes, bucket_rows)
+        buckets = _spill_buckets(input_file, rank, groups, sizes, Path(spill), batch_rows)
+        for bucket, shard_ids in buckets:
+            rows = pa.ipc.open_file(bucket).read_all()
+            rows = rows.take(pc.sort_indices(rows, [(RANK_COLUMN, "ascending")])).drop_columns([RANK_COLUMN])
+            bucket.unlink()
+            start = 0
+            for index in shard_ids:
+                shards.append(
+                    _write_shard(rows.slice(start, sizes[index]), out_dir / shard_name(index), schema)
+                )
+                start += sizes[index]
+                bar.update()
+    bar.close()
 
-    # 3. The manifest.
+    # 4. The manifest.
+    splits: Counter[str] = Counter()
+    for shard in shards:
+        splits.update(shard["rows_per_split"])
+    digest = hashlib.sha256(json.dumps([str(c) for c in columns]).encode())
+    digest.update(np.sort(ties).tobytes())
     manifest = {
         "format": FORMAT,
-        "num_rows": len(table),
+        "num_rows": num_rows,
         "num_shards": len(shards),
-        "rows_per_split": _split_counts(ordered),
-        "columns": list(ordered.column_names),
+        "rows_per_split": dict(sorted(splits.items())) if SPLIT_COLUMN in columns else {},
+        "columns": list(schema.names),
         "order": {"key": "sha256(f'{seed}:{path}'), ties by row hash", "seed": cfg.seed},
         "shards": shards,
         "content_hash": content_hash(shards),
-        "source": {"path": source, "rows": len(table), "table_hash": table_hash(table)},
+        "source": {"path": source, "rows": num_rows, "table_hash": digest.hexdigest()},
     }
     tmp = out_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out_dir / MANIFEST)
     return manifest
+
+
+def path_keys(paths: pd.Series, seed: int) -> np.ndarray:
+    """``sha256(f"{seed}:{path}")`` of each path as 4 big-endian uint64 words (they sort as the hex)."""
+    digests = b"".join(hashlib.sha256(f"{seed}:{p}".encode()).digest() for p in paths.astype(str))
+    return np.frombuffer(digests, dtype=">u8").reshape(-1, 4).astype(np.uint64)
+
+
+def _batches(input_file: pq.ParquetFile, batch_rows: int) -> Any:
+    """The file's rows as tables of at most ``batch_rows`` rows, with the file's schema."""
+    for batch in input_file.iter_batches(batch_rows):
+        yield pa.Table.from_batches([batch], schema=input_file.schema_arrow)
+
+
+def _sort_keys(
+    input_file: pq.ParquetFile, seed: int, batch_rows: int
+) -> tuple[np.ndarray, np.ndarray, pa.Schema]:
+    """Path keys (n, 4), row hashes (n,) and the shard schema, streaming the file once."""
+    keys, ties, schema = [], [], None
+    for table in _batches(input_file, batch_rows):
+        frame = table.to_pandas()
+        keys.append(path_keys(frame["path"], seed))
+        ties.append(row_hashes(frame))
+        if schema is None:
+            schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    assert schema is not None  # the caller checked that the file has rows
+    return np.concatenate(keys), np.concatenate(ties), schema
+
+
+def _bucket_shards(sizes: list[int], bucket_rows: int) -> list[list[int]]:
+    """Consecutive shards grouped into buckets of at most ``bucket_rows`` rows (one shard at least)."""
+    buckets: list[list[int]] = [[]]
+    rows = 0
+    for index, size in enumerate(sizes):
+        if buckets[-1] and rows + size > bucket_rows:
+            buckets.append([])
+            rows = 0
+        buckets[-1].append(index)
+        rows += size
+    return buckets
+
+
+def _spill_buckets(
+    input_file: pq.ParquetFile,
+    rank: np.ndarray,
+    buckets: list[list[int]],
+    sizes: list[int],
+    spill: Path,
+    batch_rows: int,
+) -> list[tuple[Path, list[int]]]:
+    """Append every row, with its rank, to the Arrow IPC file of its bucket; returns (file, shards)."""
+    bucket_rows = [sum(sizes[i] for i in shard_ids) for shard_ids in buckets]
+    firsts = np.cumsum([0, *bucket_rows])[:-1]
+    paths = [spill / f"bucket-{i:05d}.arrow" for i in range(len(buckets))]
+    schema = input_file.schema_arrow.append(pa.field(RANK_COLUMN, pa.int64()))
+    writers = [pa.ipc.new_file(path, schema) for path in paths]
+    try:
+        start = 0
+        for table in _batches(input_file, batch_rows):
+            ranks = rank[start : start + table.num_rows]
+            start += table.num_rows
+            which = np.searchsorted(firsts, ranks, side="right") - 1
+            table = table.append_column(RANK_COLUMN, pa.array(ranks))
+            for b in np.unique(which):
+                writers[b].write_table(table.filter(pa.array(which == b)))
+    finally:
+        for writer in writers:
+            writer.close()
+    return list(zip(paths, buckets, strict=True))
+
+
+def _write_shard(rows: pa.Table, path: Path, schema: pa.Schema) -> dict[str, Any]:
+    """Write one shard as pandas would convert its rows, with the shared ``schema``; its manifest entry."""
+    part = pa.Table.from_pandas(rows.to_pandas(), schema=schema, preserve_index=False)
+    part = part.replace_schema_metadata(schema.metadata)
+    pq.write_table(part, path)
+    return {
+        "file": path.name,
+        "rows": part.num_rows,
+        "rows_per_split": _split_counts(part),
+        "sha256": file_sha256(path),
+    }
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
