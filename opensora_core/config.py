@@ -76,16 +76,30 @@ class IngestConfig:
             raise ConfigError(f"ingest.val_combos must be >= 0, got {self.val_combos}")
 
 
+META_ENGINES = ("pandarallel", "ray")
+"""The engines of ``meta.engine``."""
+
+
 @dataclass
 class MetaConfig:
     num_workers: int = 2
-    """pandarallel workers for probing (0 = serial in this process)."""
+    """Workers for probing: pandarallel processes, or the CPUs of the local Ray cluster that
+    ``engine: ray`` starts when ``ray_address`` is empty (0 = serial in this process)."""
     progress: bool = True
     """Show a progress bar while probing."""
+    engine: str = "pandarallel"
+    """Where the per-file probing runs: ``pandarallel`` (processes on this machine, the default)
+    or ``ray`` (tasks on a Ray cluster; ``pip install '.[ray]'``). Both give the same table."""
+    ray_address: str = ""
+    """Ray cluster to join with ``engine: ray`` (e.g. ``ray://head:10001`` or ``auto``); empty
+    starts a local cluster of ``num_workers`` CPUs for the run. Every node must see the clips at
+    the paths of the index (a shared filesystem) and run in the same project folder layout."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ConfigError(f"meta.num_workers must be >= 0, got {self.num_workers}")
+        if self.engine not in META_ENGINES:
+            raise ConfigError(f"meta.engine must be one of {', '.join(META_ENGINES)}, got {self.engine!r}")
 
 
 @dataclass

@@ -18,19 +18,24 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config, MetaConfig
-from opensora_core.data.probe import META_COLUMNS, STATUSES, probe_table
+from opensora_core.data.probe import META_COLUMNS, STATUSES, maybe_ray_cluster, probe_table
 from opensora_core.errors import InputError
 from opensora_core.tracking import log_in_subprocess
 
 DEFAULT_INPUT = "data/raw/index.csv"
 DEFAULT_OUTPUT = "data/meta/meta.parquet"
+CHUNK_ROWS = 20_000
+"""Index rows read, probed and written at a time."""
 
 
 @dataclass
@@ -68,59 +73,104 @@ def meta(
     *,
     num_workers: int | None = None,
     progress: bool | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> MetaSummary:
     """Probe every ``path`` of ``input_csv`` and write the table to ``output``.
 
-    ``output`` is parquet, or CSV when it ends in ``.csv``. ``num_workers`` and ``progress``
-    default to ``cfg``. Raises :class:`InputError` when the CSV is missing or has no ``path``.
+    ``output`` is parquet, or CSV when it ends in ``.csv``. The index is read, probed and
+    written ``chunk_rows`` rows at a time (one parquet row group each), so memory does not grow
+    with the table. ``num_workers`` and ``progress`` default to ``cfg``; ``cfg.engine`` picks
+    pandarallel or Ray. Raises :class:`InputError` when the CSV is missing or has no ``path``.
     """
     workers = cfg.num_workers if num_workers is None else num_workers
     if workers < 0:
         raise InputError(f"--num-workers must be >= 0, got {workers}")
-    table = read_index(Path(input_csv))
-    start = time.perf_counter()
-    probed = probe_table(
-        table["path"], num_workers=workers, progress=cfg.progress if progress is None else progress
-    )
-    seconds = time.perf_counter() - start
-    carried = table.drop(columns=[c for c in META_COLUMNS if c in table.columns])
-    result = pd.concat([carried.reset_index(drop=True), probed], axis=1)
-    write_table(result, Path(output))
-    counts = Counter(result["status"])
+    show = cfg.progress if progress is None else progress
+    chunks = read_index_chunks(Path(input_csv), chunk_rows)
+    counts: Counter[str] = Counter()
+    rows, seconds = 0, 0.0
+    with maybe_ray_cluster(cfg.engine, cfg.ray_address, workers), TableWriter(Path(output)) as writer:
+        for table in chunks:
+            start = time.perf_counter()
+            probed = probe_table(table["path"], num_workers=workers, progress=show, engine=cfg.engine)
+            seconds += time.perf_counter() - start
+            carried = table.drop(columns=[c for c in META_COLUMNS if c in table.columns])
+            result = pd.concat([carried.reset_index(drop=True), probed], axis=1)
+            writer.write(result, first_row=rows)
+            counts.update(result["status"])
+            rows += len(result)
     return MetaSummary(
-        rows=len(result),
+        rows=rows,
         counts={s: counts.get(s, 0) for s in STATUSES},
         seconds=seconds,
         output=str(output),
     )
 
 
-def read_index(path: Path) -> pd.DataFrame:
-    """The input CSV, every column carried as read; it must have a ``path`` column."""
+def read_index_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    """The input CSV in chunks of ``chunk_rows`` rows (None: one chunk); it must have a ``path``
+    column. A CSV with a header only gives one empty chunk."""
     if not path.is_file():
         raise InputError(f"input CSV not found: {path}")
     try:
         # keep_default_na=False: a caption "NA" or "None" stays text, an empty cell stays "".
-        table = pd.read_csv(path, keep_default_na=False)
+        if chunk_rows is None:
+            chunks: Iterable[pd.DataFrame] = [pd.read_csv(path, keep_default_na=False)]
+        else:
+            chunks = pd.read_csv(path, keep_default_na=False, chunksize=chunk_rows)
+        first = True
+        for table in chunks:
+            if first and "path" not in table.columns:
+                raise InputError(
+                    f"input CSV {path} has no 'path' column; its columns: {', '.join(table.columns)}"
+                )
+            first = False
+            yield table
+        if first:  # header only: the reader yields nothing
+            yield pd.read_csv(path, keep_default_na=False, nrows=0)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read input CSV {path}: {exc}") from exc
-    if "path" not in table.columns:
-        raise InputError(f"input CSV {path} has no 'path' column; its columns: {', '.join(table.columns)}")
-    return table
 
 
-def write_table(table: pd.DataFrame, output: Path) -> None:
-    """Write parquet (CSV for a ``.csv`` suffix) through a temporary file, then rename."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        if output.suffix.lower() == ".csv":
-            table.to_csv(tmp, index=False)
+class TableWriter:
+    """Writes a table chunk by chunk to parquet (one row group each; the first chunk fixes the
+    schema) or CSV (``.csv`` suffix), through a temporary file renamed on success."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+        self.csv = output.suffix.lower() == ".csv"
+        self.parquet: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> TableWriter:
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write(self, table: pd.DataFrame, first_row: int) -> None:
+        if self.csv:
+            table.to_csv(self.tmp, index=False, header=first_row == 0, mode="w" if first_row == 0 else "a")
+            return
+        if self.parquet is None:
+            arrow = pa.Table.from_pandas(table, preserve_index=False)
+            self.parquet = pq.ParquetWriter(self.tmp, arrow.schema)
         else:
-            table.to_parquet(tmp, index=False)
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+            try:
+                arrow = pa.Table.from_pandas(table, schema=self.parquet.schema, preserve_index=False)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise InputError(
+                    f"a column of the index changes type at row {first_row} (the first chunk fixed "
+                    f"the schema {self.parquet.schema.names}): {exc}"
+                ) from exc
+        self.parquet.write_table(arrow)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            if self.parquet is not None:
+                self.parquet.close()
+            if exc_type is None:
+                self.tmp.replace(self.output)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace, cfg: Config) -> MetaSummary:
@@ -139,6 +189,7 @@ def run(args: argparse.Namespace, cfg: Config) -> MetaSummary:
                 "input": str(args.input),
                 "output": str(args.output),
                 "num_workers": cfg.meta.num_workers if args.num_workers is None else args.num_workers,
+                "engine": cfg.meta.engine,
             },
             "metrics": summary.metrics(),
         },

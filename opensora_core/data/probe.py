@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,15 +202,21 @@ def probe_image(path: Path) -> ProbeResult:
     return result
 
 
-def probe_table(paths: Iterable[Any], num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
+def probe_table(
+    paths: Iterable[Any], num_workers: int = 0, progress: bool = True, engine: str = "pandarallel"
+) -> pd.DataFrame:
     """Probe every path; returns one row of :data:`META_COLUMNS` per path, in the same order.
 
-    ``num_workers`` > 0 spreads the rows over that many pandarallel worker processes (with
-    pandarallel's progress bar); 0 probes serially in this process (with a tqdm bar).
+    ``engine`` ``pandarallel``: ``num_workers`` > 0 spreads the rows over that many pandarallel
+    worker processes (with pandarallel's progress bar); 0 probes serially in this process (with
+    a tqdm bar). ``ray``: the rows go as tasks to the Ray cluster this process is connected to
+    (see :func:`maybe_ray_cluster`), in blocks of consecutive rows.
     """
     series = pd.Series(list(paths), dtype=object)
     if len(series) == 0:
         rows: list[dict[str, Any]] = []
+    elif engine == "ray":
+        rows = _probe_with_ray(series.tolist(), progress)
     elif num_workers > 0:
         from pandarallel import pandarallel
 
@@ -222,6 +229,51 @@ def probe_table(paths: Iterable[Any], num_workers: int = 0, progress: bool = Tru
         rows = [probe_row(p) for p in tqdm(series, desc="meta", unit="file", disable=not progress)]
     table = pd.DataFrame.from_records(rows, columns=list(META_COLUMNS))
     return table.astype(META_DTYPES)
+
+
+@contextmanager
+def maybe_ray_cluster(engine: str, address: str, num_workers: int) -> Iterator[None]:
+    """Connect to the Ray cluster at ``address`` (or start a local one of ``num_workers`` CPUs)
+    for the ``ray`` engine, unless already connected; disconnect at the end if it connected.
+    Does nothing for other engines."""
+    if engine != "ray":
+        yield
+        return
+    import ray
+
+    started = not ray.is_initialized()
+    if started and address:
+        ray.init(address=address, log_to_driver=False)
+    elif started:
+        ray.init(num_cpus=max(1, num_workers), include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _probe_with_ray(paths: list[Any], progress: bool) -> list[dict[str, Any]]:
+    """Probe ``paths`` as Ray tasks of consecutive blocks (4 per cluster CPU), results in order."""
+    import ray
+    from tqdm import tqdm
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    size = max(1, math.ceil(len(paths) / (4 * cpus)))
+    task = ray.remote(num_cpus=1)(probe_block)
+    # Relative paths resolve against this folder on every node (a shared filesystem).
+    refs = [task.remote(paths[i : i + size], os.getcwd()) for i in range(0, len(paths), size)]
+    rows: list[dict[str, Any]] = []
+    for ref in tqdm(refs, desc="meta (ray)", unit="block", disable=not progress):
+        rows.extend(ray.get(ref))
+    return rows
+
+
+def probe_block(paths: list[Any], cwd: str) -> list[dict[str, Any]]:
+    """:func:`probe_row` of each path with ``cwd`` as the current directory (a Ray task)."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    return [probe_row(p) for p in paths]
 
 
 def probe_row(path: Any) -> dict[str, Any]:
