@@ -13,6 +13,7 @@ ENV_DEFAULTS = {
     "GX_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
 
 for _key, _value in ENV_DEFAULTS.items():
