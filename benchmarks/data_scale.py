@@ -103,18 +103,23 @@ def make_clips(out: Path, count: int) -> list[Path]:
     return paths
 
 
-def link_clips(folder: Path, clips: list[Path], count: int) -> list[str]:
-    """``count`` hard links to ``clips`` (cycled) in ``folder``, each with a caption; their names."""
+def link_clips(folder: Path, clips: list[Path], count: int, captions: bool = False) -> list[str]:
+    """``count`` hard links to ``clips`` (cycled) in ``folder``, with caption links if asked; their names.
+
+    A file takes at most 65000 links (ext4), so each caption file serves 30000 clips.
+    """
     names = [f"clip_{i:07d}.mp4" for i in range(count)]
     done = folder / ".complete"
     if not done.is_file():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        caption = folder.parent / f".{folder.name}-caption.txt"
-        caption.write_text("a red circle moving left on a grey background\n")
         for i, name in enumerate(names):
             os.link(clips[i % len(clips)], folder / name)
-            os.link(caption, folder / name.replace(".mp4", ".txt"))
+            if captions:
+                caption = folder.parent / f".{folder.name}-caption-{i // 30_000}.txt"
+                if not caption.is_file():
+                    caption.write_text("a red circle moving left on a grey background\n")
+                os.link(caption, folder / name.replace(".mp4", ".txt"))
         done.write_text(str(count))
     return names
 
@@ -276,7 +281,7 @@ def bench_validate_shard(
 def bench_dvc(out: Path, clips: int, sources: list[Path]) -> list[Run]:
     """`dvc repro shard` over a folder of user clips: once, then with nothing changed; `dvc status`."""
     user = out / f"user-clips-{clips}"
-    link_clips(user, sources, clips)
+    link_clips(user, sources, clips, captions=True)
     project = out / "dvc-project"
     shutil.rmtree(project, ignore_errors=True)
     files = subprocess.run(
