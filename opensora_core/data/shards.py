@@ -191,26 +191,39 @@ def write_shards_from_parquet(
     bar.close()
 
     # 4. The manifest.
+    manifest = _manifest(shards, columns, ties, schema, num_rows, cfg.seed, source)
+    tmp = out_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out_dir / MANIFEST)
+    return manifest
+
+
+def _manifest(
+    shards: list[dict[str, Any]],
+    columns: list[str],
+    ties: np.ndarray,
+    schema: pa.Schema,
+    num_rows: int,
+    seed: int,
+    source: str,
+) -> dict[str, Any]:
+    """The manifest of written shards; the source hash is :func:`table_hash` from the row hashes."""
     splits: Counter[str] = Counter()
     for shard in shards:
         splits.update(shard["rows_per_split"])
     digest = hashlib.sha256(json.dumps([str(c) for c in columns]).encode())
     digest.update(np.sort(ties).tobytes())
-    manifest = {
+    return {
         "format": FORMAT,
         "num_rows": num_rows,
         "num_shards": len(shards),
         "rows_per_split": dict(sorted(splits.items())) if SPLIT_COLUMN in columns else {},
         "columns": list(schema.names),
-        "order": {"key": "sha256(f'{seed}:{path}'), ties by row hash", "seed": cfg.seed},
+        "order": {"key": "sha256(f'{seed}:{path}'), ties by row hash", "seed": seed},
         "shards": shards,
         "content_hash": content_hash(shards),
         "source": {"path": source, "rows": num_rows, "table_hash": digest.hexdigest()},
     }
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
-    return manifest
 
 
 def path_keys(paths: pd.Series, seed: int) -> np.ndarray:

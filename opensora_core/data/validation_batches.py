@@ -19,7 +19,7 @@ first passing occurrence stays clean exactly as on the whole table.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,19 @@ def path_hashes(paths: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return pd.util.hash_array(values, categorize=False), np.flatnonzero(present)
 
 
-def find_duplicate_paths(path_batches: Iterable[pd.Series] | Any) -> set[str]:
+def find_duplicate_paths(
+    path_batches: Iterable[pd.Series] | Callable[[], Iterator[pd.Series]],
+) -> set[str]:
     """The paths that occur more than once, over batches of the ``path`` column.
 
     ``path_batches`` is iterated twice (a list, or a callable returning a fresh iterator): once
     for the hashes of every path, once to gather the exact paths behind repeated hashes.
     """
-    batches = path_batches if callable(path_batches) else lambda: iter(path_batches)
+    if callable(path_batches):
+        batches = path_batches
+    else:
+        items = list(path_batches)  # a one-shot iterator could not be read twice
+        batches = lambda: iter(items)  # noqa: E731
     hashes = [path_hashes(paths)[0] for paths in batches()]
     every = np.sort(np.concatenate(hashes)) if hashes else np.empty(0, dtype=np.uint64)
     repeated = np.unique(every[1:][every[1:] == every[:-1]])
