@@ -12,7 +12,6 @@ import logging
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pyarrow.parquet as pq
 
 from opensora_core.cli import build_parser, run_cli
@@ -21,16 +20,6 @@ from opensora_core.errors import InputError
 from opensora_core.tracking import NullRun, start_stage_run
 
 log = logging.getLogger("opensora.validate")
-
-
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a parquet table; a missing or unreadable file is an :class:`InputError`."""
-    if not path.is_file():
-        raise InputError(f"input table not found: {path} (run the meta stage first)")
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:
-        raise InputError(f"cannot read {path} as parquet: {exc}") from exc
 
 
 def check_parquet(path: Path) -> None:
