@@ -106,6 +106,8 @@ def read_index(path: Path) -> pd.DataFrame:
         raise InputError(f"cannot read input CSV {path}: {exc}") from exc
     if "path" not in table.columns:
         raise InputError(f"input CSV {path} has no 'path' column; its columns: {', '.join(table.columns)}")
+    if table.empty:
+        raise InputError(f"input CSV {path} has a header but no rows: nothing to probe")
     return table
 
 
