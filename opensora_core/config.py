@@ -164,6 +164,10 @@ class LaunchConfig:
     """Rendezvous id shared by all nodes of one job."""
     node_rank: int = -1
     """This node's rank for static rendezvous; -1 lets the c10d rendezvous assign it."""
+    store_bind: str = "127.0.0.1"
+    """Address a single-node job's torchrun c10d store (and the workers' ``MASTER_ADDR``) listens
+    on: loopback by default, so nothing is opened to the network. Empty: torch's own
+    ``--standalone``, which listens on every interface. Multi-node runs use ``rdzv_endpoint``."""
     timeout_s: int = 0
     """Kill the whole job after this many seconds (0 = no limit)."""
     omp_num_threads: int = 0
