@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -72,7 +73,12 @@ def test_command_multi_node_rendezvous_and_static():
     assert c10d[c10d.index("--nnodes") + 1] == "2"
     assert c10d[2] == "torch.distributed.run" and "--local-addr" not in c10d  # reachable by other nodes
     loop = build_torchrun_command(LaunchConfig(rdzv_endpoint="127.0.0.1:29400"), "m", [])
-    assert loop[2:6] == ["opensora_core.distributed.bound_store", "--bind", "127.0.0.1", "torch.distributed.run"]
+    assert loop[2:6] == [
+        "opensora_core.distributed.bound_store",
+        "--bind",
+        "127.0.0.1",
+        "torch.distributed.run",
+    ]
 
     static = build_torchrun_command(
         LaunchConfig(nnodes=2, rdzv_endpoint="10.0.0.1:29500", node_rank=1), "m", []
@@ -234,9 +240,7 @@ def test_real_torchrun_listens_on_loopback_only(tmp_path, store_bind: str, loopb
     finally:
         for f in tmp_path.glob("pids-*.json"):
             for pid in json.loads(f.read_text()):
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     psutil.Process(pid).kill()
-                except psutil.NoSuchProcess:
-                    pass
         job.join(timeout=60)
     assert codes == [75]  # killed workers: retryable, the job is gone
