@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
 import types
 import typing
@@ -625,6 +626,18 @@ class RegisterConfig:
     fail_on_gate: bool = False
     """Exit with code 3 when the gate fails (the version is registered as candidate either way)."""
 
+    def __post_init__(self) -> None:
+        if not self.model_name.strip() or any(c in self.model_name for c in "/:@"):
+            raise ConfigError(
+                f"register.model_name must be a name without '/', ':' or '@', got {self.model_name!r}"
+            )
+        for key, bounds in (("gate", self.gate), ("gate_max", self.gate_max)):
+            for metric, value in bounds.items():
+                if not math.isfinite(value):
+                    raise ConfigError(f"register.{key}.{metric} must be a finite number, got {value}")
+        if not self.compare_metric.strip():
+            raise ConfigError("register.compare_metric must name a metric of metrics/eval.json")
+
 
 @dataclass
 class TrackingConfig:
@@ -787,6 +800,12 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - guarded by the key check above
         raise ConfigError(f"{where}: {exc}") from exc
+    except ConfigError as exc:
+        # A check in __post_init__ that does not know its own place (a diffusion stage, a text
+        # encoder) is named by the dotted key of the mapping it was built from.
+        if prefix and prefix not in str(exc):
+            raise ConfigError(f"{prefix}: {exc}") from exc
+        raise
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
