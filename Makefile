@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, from the CPU build on this disk: a plain `torch` requirement pulls a CUDA build.
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	$(BIN)/python -m pip install -q $(COLOSSALAI_RUNTIME)
 	$(BIN)/python -m pip install -q --no-deps colossalai==$(COLOSSALAI_VERSION)
 	@test -d .dvc || $(BIN)/dvc init -q

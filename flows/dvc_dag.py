@@ -16,7 +16,12 @@ import yaml
 from opensora_core.errors import RETRYABLE_EXIT_CODES
 
 DVC_FAILED_CMD = re.compile(r"failed to run: .*?, exited with (-?\d+)")
-DVC_LOCK_HELD = re.compile(r"Unable to acquire lock|is locked by|LockError", re.IGNORECASE)
+# DVC's two lock errors: the repository lock (``.dvc/tmp/lock``: "Unable to acquire lock") and the
+# read/write lock on a stage's deps and outs (``.dvc/tmp/rwlock``: "'out.txt' is busy, it is being
+# blocked by: (PID 123): dvc repro ..."), which is what a second run of the same stage hits.
+DVC_LOCK_HELD = re.compile(
+    r"Unable to acquire lock|is locked by|LockError|is busy, it is being blocked by", re.IGNORECASE
+)
 DVC_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 DVC_RAN = re.compile(r"Running stage '([^']+)'")
 

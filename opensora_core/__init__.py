@@ -14,6 +14,9 @@ ENV_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Servers listen on loopback unless told otherwise (an exported value wins).
+    "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    "PREFECT_RUNNER_SERVER_HOST": "127.0.0.1",
 }
 
 for _key, _value in ENV_DEFAULTS.items():

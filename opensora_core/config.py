@@ -14,6 +14,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +27,25 @@ import yaml
 from opensora_core.errors import ConfigError
 
 PROFILE_DIR = "params"
+
+
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading YAML 1.2 floats without a dot (``1e12``, ``5E3``).
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e12``), so ``lr: 1e-4`` loads as the
+    string ``"1e-4"``. DVC reads params.yaml as YAML 1.2 (a number), so the two would disagree.
+    """
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12FloatLoader)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +179,10 @@ class LaunchConfig:
     """Rendezvous id shared by all nodes of one job."""
     node_rank: int = -1
     """This node's rank for static rendezvous; -1 lets the c10d rendezvous assign it."""
+    store_bind: str = "127.0.0.1"
+    """Address a single-node job's torchrun c10d store (and the workers' ``MASTER_ADDR``) listens
+    on: loopback by default, so nothing is opened to the network. Empty: torch's own
+    ``--standalone``, which listens on every interface. Multi-node runs use ``rdzv_endpoint``."""
     timeout_s: int = 0
     """Kill the whole job after this many seconds (0 = no limit)."""
     omp_num_threads: int = 0
@@ -615,6 +640,18 @@ class RegisterConfig:
     fail_on_gate: bool = False
     """Exit with code 3 when the gate fails (the version is registered as candidate either way)."""
 
+    def __post_init__(self) -> None:
+        if not self.model_name.strip() or any(c in self.model_name for c in "/:@"):
+            raise ConfigError(
+                f"register.model_name must be a name without '/', ':' or '@', got {self.model_name!r}"
+            )
+        for key, bounds in (("gate", self.gate), ("gate_max", self.gate_max)):
+            for metric, value in bounds.items():
+                if not math.isfinite(value):
+                    raise ConfigError(f"register.{key}.{metric} must be a finite number, got {value}")
+        if not self.compare_metric.strip():
+            raise ConfigError("register.compare_metric must name a metric of metrics/eval.json")
+
 
 @dataclass
 class TrackingConfig:
@@ -723,7 +760,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from exc
         node = tree
@@ -749,7 +786,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -777,6 +814,12 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - guarded by the key check above
         raise ConfigError(f"{where}: {exc}") from exc
+    except ConfigError as exc:
+        # A check in __post_init__ that does not know its own place (a diffusion stage, a text
+        # encoder) is named by the dotted key of the mapping it was built from.
+        if prefix and prefix not in str(exc):
+            raise ConfigError(f"{prefix}: {exc}") from exc
+        raise
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config, IngestConfig
 from opensora_core.data import synthetic
+from opensora_core.data.tables import blank_rows, read_csv_table
 from opensora_core.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_image_path, read_video
 from opensora_core.errors import InputError
 
@@ -110,24 +111,23 @@ def ingest(cfg: IngestConfig, out_dir: Path, root: Path, *, progress: bool = Tru
     root = _absolute(root)
     out_dir = _resolve(root, out_dir)
 
-    # 1. Check the source before removing anything.
-    source_path = None
+    # 1. Check and index a user's source before removing anything: bad input writes nothing.
+    index = labels = None
     if cfg.source != "synthetic":
         source_path = _resolve(root, Path(cfg.path))
         _check_source(cfg.source, source_path, out_dir)
+        if cfg.source == "folder":
+            index = index_folder(source_path, root, cfg.val_fraction)
+        else:
+            index = index_csv(source_path, root, cfg.val_fraction)
 
     # 2. Remove what an earlier run generated.
     clear_outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 3. Build (and for synthetic data, write) the rows.
-    labels = None
-    if cfg.source == "synthetic":
+    # 3. Synthetic data: render and write the clips and their labels.
+    if index is None:
         index, labels = generate_synthetic(cfg, out_dir, root, progress=progress)
-    elif cfg.source == "folder":
-        index = index_folder(source_path, root, cfg.val_fraction)
-    else:
-        index = index_csv(source_path, root, cfg.val_fraction)
 
     # 4. Write the index (and labels) in a fixed layout: the same rows give the same bytes.
     index = index[INDEX_COLUMNS].reset_index(drop=True)
@@ -201,21 +201,10 @@ def index_folder(folder: Path, root: Path, val_fraction: float) -> pd.DataFrame:
 
 def index_csv(csv_path: Path, root: Path, val_fraction: float) -> pd.DataFrame:
     """The rows of a CSV with ``path`` and ``text`` columns; relative paths are from its folder."""
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"ingest.path {csv_path}: not a readable CSV: {exc}") from exc
-    missing = [c for c in ("path", "text") if c not in table.columns]
-    if missing:
-        raise InputError(
-            f"ingest.path {csv_path}: missing column(s) {', '.join(missing)}; "
-            f"found: {', '.join(map(str, table.columns)) or 'none'}"
-        )
-    if table.empty:
-        raise InputError(f"ingest.path {csv_path}: the CSV has no rows")
-    empty = table.index[table["path"].str.strip() == ""]
-    if len(empty):
-        raise InputError(f"ingest.path {csv_path}: empty path in data row {int(empty[0]) + 1}")
+    table = read_csv_table(csv_path, "ingest.path", ("path", "text"))
+    blank = blank_rows(table["path"])
+    if blank:
+        raise InputError(f"ingest.path {csv_path}: empty path in data row {blank[0]}")
     rows = []
     for raw, text in zip(table["path"], table["text"]):
         raw = raw.strip()

@@ -127,7 +127,7 @@ def read_index_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFra
             first = False
             yield table
         if first:  # header only: the reader yields nothing
-            yield pd.read_csv(path, keep_default_na=False, nrows=0)
+            raise InputError(f"input CSV {path} has a header but no rows: nothing to probe")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read input CSV {path}: {exc}") from exc
 

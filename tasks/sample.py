@@ -22,6 +22,7 @@ from pathlib import Path
 
 from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config
+from opensora_core.data.tables import blank_rows, read_csv_table
 from opensora_core.diffusion.conditions import CONDITION_TYPES
 from opensora_core.errors import ConfigError, InputError, StageError
 from opensora_core.outputs import save_output
@@ -31,17 +32,20 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     """``--prompt`` values, then the ``text`` (or ``prompt``) column of ``--prompts-csv`` rows [start, end)."""
     prompts = list(args.prompt or [])
     if args.prompts_csv:
-        import pandas as pd
-
         path = Path(args.prompts_csv)
-        if not path.is_file():
-            raise InputError(f"prompts CSV not found: {path}")
-        table = pd.read_csv(path)
-        column = next((c for c in ("text", "prompt") if c in table.columns), None)
-        if column is None:
-            raise InputError(f"{path} has no 'text' or 'prompt' column (columns: {', '.join(table.columns)})")
+        table = read_csv_table(path, "--prompts-csv", one_of=("text", "prompt"))
+        column = next(c for c in ("text", "prompt") if c in table.columns)
         end = args.end_index if args.end_index is not None else len(table)
-        prompts += [str(t) for t in table[column].iloc[args.start_index : end]]
+        rows = table[column].iloc[args.start_index : end]
+        if rows.empty:
+            raise InputError(
+                f"--prompts-csv {path}: no rows in [--start-index {args.start_index}, "
+                f"--end-index {end}) of its {len(table)}"
+            )
+        blank = blank_rows(rows)
+        if blank:
+            raise InputError(f"--prompts-csv {path}: empty {column!r} in data row {blank[0]}")
+        prompts += rows.tolist()
     if not prompts:
         raise ConfigError("no prompts: give --prompt (repeatable) or --prompts-csv")
     return prompts

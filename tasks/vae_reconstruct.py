@@ -19,6 +19,7 @@ import numpy as np
 
 from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config
+from opensora_core.data.tables import blank_rows, read_csv_table
 from opensora_core.errors import InputError
 
 
@@ -26,11 +27,10 @@ def read_inputs(path: Path) -> list[Path]:
     if not path.exists():
         raise InputError(f"--input {path}: no such file")
     if path.suffix.lower() == ".csv":
-        import pandas as pd
-
-        table = pd.read_csv(path)
-        if "path" not in table.columns:
-            raise InputError(f"--input {path}: a CSV needs a 'path' column")
+        table = read_csv_table(path, "--input", ("path",))
+        blank = blank_rows(table["path"])
+        if blank:
+            raise InputError(f"--input {path}: empty 'path' in data row {blank[0]}")
         return [Path(p) if Path(p).is_absolute() else path.parent / p for p in table["path"]]
     return [path]
 

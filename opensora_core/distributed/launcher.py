@@ -55,17 +55,20 @@ _live_jobs_lock = threading.Lock()
 # --------------------------------------------------------------------------------------------
 # Command
 # --------------------------------------------------------------------------------------------
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def build_torchrun_command(launch: LaunchConfig, module: str, args: list[str]) -> list[str]:
     """The torchrun command line that runs ``python -m module args...`` on every worker.
 
-    Single node without an endpoint: ``--standalone`` (a local c10d store on a free port).
-    With ``launch.rdzv_endpoint``: a c10d rendezvous shared by all nodes, or, when
-    ``launch.node_rank >= 0``, the static rendezvous with that node rank and rank 0's address.
+    Single node without an endpoint: a c10d rendezvous on ``launch.store_bind`` (127.0.0.1) at a
+    free port, what ``--standalone`` does but listening on that address only (torchrun is run
+    through :mod:`opensora_core.distributed.bound_store`, since torch's store listens on every
+    interface whatever host it is given). With ``launch.rdzv_endpoint``: a c10d rendezvous shared
+    by all nodes, or, when ``launch.node_rank >= 0``, the static rendezvous with that node rank
+    and rank 0's address; a loopback endpoint's store listens on that address only.
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+    common = [
         "--nnodes",
         str(launch.nnodes),
         "--nproc-per-node",
@@ -73,23 +76,31 @@ def build_torchrun_command(launch: LaunchConfig, module: str, args: list[str]) -
         "--max-restarts",
         "0",
     ]
+    bind = ""
     if not launch.rdzv_endpoint:
         if launch.nnodes > 1:
             raise ConfigError("launch.rdzv_endpoint is required when launch.nnodes > 1")
-        cmd.append("--standalone")
-    elif launch.node_rank >= 0:
-        host, port = _split_endpoint(launch.rdzv_endpoint)
-        cmd += ["--node-rank", str(launch.node_rank), "--master-addr", host, "--master-port", port]
+        if launch.store_bind:
+            bind = launch.store_bind
+            endpoint = f"[{bind}]:0" if ":" in bind else f"{bind}:0"
+            common += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", launch.rdzv_id]
+            common += ["--local-addr", bind]
+        else:
+            common.append("--standalone")
     else:
-        cmd += [
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            launch.rdzv_endpoint,
-            "--rdzv-id",
-            launch.rdzv_id,
-        ]
-    return [*cmd, "-m", module, *args]
+        host, port = _split_endpoint(launch.rdzv_endpoint)
+        bind = host.strip("[]") if host.strip("[]") in LOOPBACK_HOSTS else ""
+        if launch.node_rank >= 0:
+            common += ["--node-rank", str(launch.node_rank), "--master-addr", host, "--master-port", port]
+        else:
+            common += ["--rdzv-backend", "c10d", "--rdzv-endpoint", launch.rdzv_endpoint]
+            common += ["--rdzv-id", launch.rdzv_id]
+        if bind:
+            common += ["--local-addr", bind]
+    runner = [sys.executable, "-m", "torch.distributed.run"]
+    if bind:
+        runner = [sys.executable, "-m", "opensora_core.distributed.bound_store", "--bind", bind, *runner[2:]]
+    return [*runner, *common, "-m", module, *args]
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, str]:

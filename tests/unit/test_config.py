@@ -126,3 +126,27 @@ def test_vae_shortcut_refuses_pretrained_weights(tmp_path: Path) -> None:
     path = write_params(tmp_path, {"vae_train": {"shortcut": True, "pretrained_path": "/models/wan"}})
     with pytest.raises(ConfigError, match=r"vae_train.shortcut is for training from scratch.*/models/wan"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1e12", 1e12), ("1e-4", 1e-4), ("5E3", 5e3), ("-2.5e-3", -2.5e-3), ("+3e2", 300.0), (".5e1", 5.0)],
+)
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path, raw: str, expected: float) -> None:
+    # PyYAML (YAML 1.1) reads "1e12" as a string; DVC (YAML 1.2) as a number. Ours must agree with DVC.
+    assert parse_overrides([f"vae_train.lr={raw}"]) == {"vae_train": {"lr": expected}}
+    cfg = load_config(write_params(tmp_path, {}), [f"vae_train.lr={raw}"])
+    assert cfg.vae_train.lr == expected and isinstance(cfg.vae_train.lr, float)
+
+
+def test_exponent_numbers_in_params_files(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("vae_train:\n  lr: 1e-4\n  disc_lr: 2E-5\ningest:\n  path: 1e3x\n")
+    cfg = load_config(path)
+    assert (cfg.vae_train.lr, cfg.vae_train.disc_lr) == (1e-4, 2e-5)
+    assert cfg.ingest.path == "1e3x"  # not a number: stays a string
+
+
+def test_word_for_a_number_still_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"vae_train.lr must be a number, got 'fast'"):
+        load_config(write_params(tmp_path, {}), ["vae_train.lr=fast"])

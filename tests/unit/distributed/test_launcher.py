@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -41,12 +42,26 @@ def _alive(pid: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # Command and environment
 # --------------------------------------------------------------------------------------------
-def test_command_standalone_single_node():
+def test_command_single_node_binds_loopback():
     cmd = build_torchrun_command(LaunchConfig(nproc_per_node=4), "opensora_core.jobs.vae_train", ["--x", "1"])
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert "--standalone" in cmd and "--rdzv-endpoint" not in cmd
+    assert cmd[:6] == [
+        sys.executable,
+        "-m",
+        "opensora_core.distributed.bound_store",
+        "--bind",
+        "127.0.0.1",
+        "torch.distributed.run",
+    ]
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "127.0.0.1:0"
+    assert cmd[cmd.index("--local-addr") + 1] == "127.0.0.1"
+    assert "--standalone" not in cmd
     assert cmd[cmd.index("--nproc-per-node") + 1] == "4"
     assert cmd[-4:] == ["-m", "opensora_core.jobs.vae_train", "--x", "1"]
+    # told otherwise: torch's own standalone mode, every interface
+    plain = build_torchrun_command(LaunchConfig(store_bind=""), "m", [])
+    assert plain[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" in plain
+    v6 = build_torchrun_command(LaunchConfig(store_bind="::1"), "m", [])
+    assert v6[v6.index("--rdzv-endpoint") + 1] == "[::1]:0"
 
 
 def test_command_multi_node_rendezvous_and_static():
@@ -56,6 +71,14 @@ def test_command_multi_node_rendezvous_and_static():
     assert c10d[c10d.index("--rdzv-endpoint") + 1] == "head:29400"
     assert c10d[c10d.index("--rdzv-id") + 1] == "run7"
     assert c10d[c10d.index("--nnodes") + 1] == "2"
+    assert c10d[2] == "torch.distributed.run" and "--local-addr" not in c10d  # reachable by other nodes
+    loop = build_torchrun_command(LaunchConfig(rdzv_endpoint="127.0.0.1:29400"), "m", [])
+    assert loop[2:6] == [
+        "opensora_core.distributed.bound_store",
+        "--bind",
+        "127.0.0.1",
+        "torch.distributed.run",
+    ]
 
     static = build_torchrun_command(
         LaunchConfig(nnodes=2, rdzv_endpoint="10.0.0.1:29500", node_rank=1), "m", []
@@ -171,3 +194,53 @@ def test_timeout_kills_the_whole_process_tree(tmp_path):
         if str(tmp_path) in " ".join(p.info["cmdline"] or []) and _alive(p.pid)
     ]
     assert leftovers == []
+
+
+def _listening(pids: list[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket in LISTEN state held by ``pids`` (from /proc/net)."""
+    out = []
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        out += [(c.laddr.ip, c.laddr.port, pid) for c in conns if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+@pytest.mark.parametrize(("store_bind", "loopback_only"), [("127.0.0.1", True), ("", False)])
+def test_real_torchrun_listens_on_loopback_only(tmp_path, store_bind: str, loopback_only: bool):
+    """A real two-worker job: every listening socket of torchrun and its workers is on 127.0.0.1.
+
+    The control case (``store_bind: ""``, torch's ``--standalone``) shows the check sees a store
+    listening on every interface.
+    """
+    import threading
+
+    launch = LaunchConfig(nproc_per_node=2, omp_num_threads=1, store_bind=store_bind, kill_grace_s=1.0)
+    codes: list[int] = []
+    env = {"PYTHONPATH": str(ROOT)}
+    job = threading.Thread(
+        target=lambda: codes.append(run_job(TOY_JOB, ["hang", str(tmp_path)], launch, 120, env, cwd=ROOT))
+    )
+    job.start()
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(tmp_path.glob("pids-*.json"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [json.loads(f.read_text())[0] for f in sorted(tmp_path.glob("pids-*.json"))]
+        assert len(workers) == 2, "both workers should have joined the rendezvous"
+        agent = psutil.Process(workers[0]).parent()
+        assert "torch.distributed.run" in " ".join(agent.cmdline())
+        tree = [agent.pid, *(p.pid for p in agent.children(recursive=True))]
+        sockets = _listening(tree)
+        assert any(pid == agent.pid for _, _, pid in sockets), f"the agent's store should listen: {sockets}"
+        wildcard = [s for s in sockets if s[0] not in ("127.0.0.1", "::1")]
+        assert (wildcard == []) is loopback_only, sockets
+    finally:
+        for f in tmp_path.glob("pids-*.json"):
+            for pid in json.loads(f.read_text()):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(pid).kill()
+        job.join(timeout=60)
+    assert codes == [75]  # killed workers: retryable, the job is gone

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from opensora_core.config import MetaConfig
-from opensora_core.errors import EXIT_BAD_INPUT
+from opensora_core.errors import EXIT_BAD_INPUT, InputError
 from tasks.meta import main, meta
 from tests.unit.tasks.test_meta import project  # noqa: F401  (the fixture: real clips, an index)
 
@@ -26,11 +26,11 @@ def test_chunked_meta_equals_one_chunk(project: Path) -> None:  # noqa: F811
     assert Path("chunked.csv").read_text() == Path("one.csv").read_text()
 
 
-def test_header_only_index_gives_an_empty_table(project: Path) -> None:  # noqa: F811
+def test_header_only_index_is_refused_in_chunks(project: Path) -> None:  # noqa: F811
     Path("empty.csv").write_text("path,text,split\n")
-    summary = meta("empty.csv", "empty.parquet", MetaConfig(num_workers=0, progress=False), chunk_rows=4)
-    table = pd.read_parquet("empty.parquet")
-    assert summary.rows == 0 and table.empty and "status" in table.columns
+    with pytest.raises(InputError, match="header but no rows"):
+        meta("empty.csv", "empty.parquet", MetaConfig(num_workers=0, progress=False), chunk_rows=4)
+    assert not Path("empty.parquet").exists()
 
 
 def test_unknown_engine_exits_2_naming_the_key(project: Path, capsys) -> None:  # noqa: F811
