@@ -124,6 +124,8 @@ def read_index_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFra
                 raise InputError(
                     f"input CSV {path} has no 'path' column; its columns: {', '.join(table.columns)}"
                 )
+            if first and table.empty:
+                raise InputError(f"input CSV {path} has a header but no rows: nothing to probe")
             first = False
             yield table
         if first:  # header only: the reader yields nothing
