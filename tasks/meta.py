@@ -109,7 +109,7 @@ def meta(
 
 def read_index_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFrame]:
     """The input CSV in chunks of ``chunk_rows`` rows (None: one chunk); it must have a ``path``
-    column. A CSV with a header only gives one empty chunk."""
+    column and at least one row (a header only is an InputError, raised before any chunk)."""
     if not path.is_file():
         raise InputError(f"input CSV not found: {path}")
     try:
@@ -118,6 +118,7 @@ def read_index_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFra
             chunks: Iterable[pd.DataFrame] = [pd.read_csv(path, keep_default_na=False)]
         else:
             chunks = pd.read_csv(path, keep_default_na=False, chunksize=chunk_rows)
+        no_rows = f"input CSV {path} has a header but no rows: nothing to probe"
         first = True
         for table in chunks:
             if first and "path" not in table.columns:
@@ -125,11 +126,11 @@ def read_index_chunks(path: Path, chunk_rows: int | None) -> Iterator[pd.DataFra
                     f"input CSV {path} has no 'path' column; its columns: {', '.join(table.columns)}"
                 )
             if first and table.empty:
-                raise InputError(f"input CSV {path} has a header but no rows: nothing to probe")
+                raise InputError(no_rows)
             first = False
             yield table
-        if first:  # header only: the reader yields nothing
-            raise InputError(f"input CSV {path} has a header but no rows: nothing to probe")
+        if first:  # header only: the chunked reader yields nothing
+            raise InputError(no_rows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read input CSV {path}: {exc}") from exc
 
