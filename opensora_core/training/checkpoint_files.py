@@ -98,7 +98,7 @@ def disk_full_error(exc: BaseException, ckpt_dir: Path, step: int, previous: str
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
     return DiskFull(
         f"could not write the step-{step} checkpoint in {ckpt_dir} ({type(exc).__name__}: "
-        f"{str(exc).strip()[:200]}; {free} after removing the partial folder); {kept}. "
+        f"{' '.join(str(exc).split())[:200]}; {free} after removing the partial folder); {kept}. "
         "Free space (or point the stage at a larger disk) and rerun: it resumes from there"
     )
 
