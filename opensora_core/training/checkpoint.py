@@ -152,7 +152,7 @@ def find_resume_checkpoint(
     latest = next(p for p in reversed(complete) if p.name == skipped[0])
     saved = _saved_hash(latest) or ""
     reason = (
-        f"config hash {config_hash[:12]} differs from every checkpoint in {ckpt_dir} "
+        f"resume key {config_hash[:12]} (config, code, data) differs from every checkpoint in {ckpt_dir} "
         f"(latest {latest.name}: {saved[:12]})"
     )
     if config is not None and (latest / "config.json").is_file():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from opensora_core.training.checkpoint import list_checkpoints
@@ -278,8 +279,14 @@ def test_disk_full_during_a_checkpoint_write_exits_74_and_keeps_the_previous(
 def test_code_change_retrains_from_step_0_under_dvc_and_names_the_file(fault_project: Project) -> None:
     root = fault_project.root
     fresh(root)
+    # DVC reads its parameters from the tracked files: a shorter micro run (6 steps, a checkpoint
+    # every 3) written into the profile, as the flow writes overrides.
+    profile = root / "params/ci.yaml"
+    settings = yaml.safe_load(profile.read_text())
+    settings["vae_train"].update(steps=6, ckpt_every=3, val_clips=1)
+    profile.write_text(yaml.safe_dump(settings, sort_keys=False))
     first = fault_project.dvc("repro", "vae_train")
-    assert "12 steps to step 12" in first.stdout + first.stderr  # the micro profile: 12 steps
+    assert "6 steps to step 6" in first.stdout + first.stderr
     trainer = root / "opensora_core/training/vae_trainer.py"
     original = trainer.read_text()
     try:
@@ -289,7 +296,7 @@ def test_code_change_retrains_from_step_0_under_dvc_and_names_the_file(fault_pro
         text = changed.stdout + changed.stderr
         assert "Running stage 'vae_train'" in text
         assert "changed: code.opensora_core/training/vae_trainer.py" in text and "starting fresh" in text
-        assert "12 steps to step 12" in text and "resumed from" not in text
+        assert "6 steps to step 6" in text and "resumed from" not in text
         stale = [p.name for p in (root / "models/vae/ckpt").iterdir() if p.name.startswith("stale-")]
         assert len(stale) == 1  # the old run's checkpoints, set aside, never resumed
         # 2. nothing changed: DVC skips it
@@ -297,15 +304,15 @@ def test_code_change_retrains_from_step_0_under_dvc_and_names_the_file(fault_pro
         # 3. dvc repro --force: trains again
         forced = fault_project.dvc("repro", "--force", "--single-item", "vae_train")
         text = forced.stdout + forced.stderr
-        assert "already finished at step 12" in text and "12 steps to step 12" in text
+        assert "already finished at step 6" in text and "6 steps to step 6" in text
         # 4. a killed run retried under DVC resumes (nothing changed)
         stage = Stage(fault_project, "dvc", "repro", "--force", "--single-item", "vae_train")
-        saved = "saved checkpoint models/vae/ckpt/step-00000006"
-        wait_until(lambda: saved in stage.output, 300, "the step-6 checkpoint", stage.proc)
+        saved = "saved checkpoint models/vae/ckpt/step-00000003"
+        wait_until(lambda: saved in stage.output, 300, "the step-3 checkpoint", stage.proc)
         stage.kill_everything()
         stage.wait()
         retry = fault_project.dvc("repro", "vae_train")
         text = retry.stdout + retry.stderr
-        assert "resumed from models/vae/ckpt/step-00000006" in text and "6 steps to step 12" in text
+        assert "resumed from models/vae/ckpt/step-00000003" in text and "3 steps to step 6" in text
     finally:
         trainer.write_text(original)

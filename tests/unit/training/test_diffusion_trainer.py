@@ -313,6 +313,11 @@ def test_loaded_optimizer_takes_the_stage_learning_rate(
     loaded.fit()
     lrs = [row["lr"] for row in read_curve(stage_paths(inputs, tmp_path / "a"))]
     assert lrs[-5:] == [pytest.approx(5e-4)] * 5  # steps 4..8 at the stage's LR, not the checkpoint's 1e-3
+    # a damaged checkpoint is refused before anything launches (exit 2), naming the file
+    model = Path(ckpt) / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"corrupt: model\.pt has 100 bytes"):
+        validate_stage(cfg, "stage1", stage_paths(inputs, tmp_path / "b"), LoadOptions(ckpt))
 
 
 def test_validate_stage_names_stages_and_missing_inputs(inputs: DiffusionInputs, tmp_path: Path) -> None:
