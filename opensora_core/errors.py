@@ -1,7 +1,7 @@
 """Errors that map to the stage exit codes of the pipeline contract.
 
 Every stage CLI and every distributed job exits with one of these codes, so that the orchestrator
-can tell a retryable failure (75) from one that would fail the same way again (2-5).
+can tell a retryable failure (75) from one that would fail the same way again (2-5, 74).
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ class NonFiniteLoss(StageError):
     exit_code = 5
 
 
+class DiskFull(StageError):
+    """Writing a checkpoint failed for want of space (or another write error); the previous
+    checkpoints are intact. Exit 74 is sysexits' EX_IOERR, beside 75 (EX_TEMPFAIL): a retry
+    fails the same way until space is freed, so the orchestrator does not retry it."""
+
+    exit_code = 74
+
+
 class Retryable(StageError):
     """A failure worth retrying: a rendezvous or collective timeout, a killed worker."""
 
@@ -55,6 +63,7 @@ EXIT_GATE = GateFailed.exit_code
 EXIT_OOM = OutOfMemory.exit_code
 EXIT_NONFINITE = NonFiniteLoss.exit_code
 EXIT_RETRYABLE = Retryable.exit_code
+EXIT_DISK_FULL = DiskFull.exit_code
 
 # Exit codes the orchestrator may retry; everything in 2..5 fails the same way twice.
 RETRYABLE_EXIT_CODES = frozenset({EXIT_RETRYABLE, -9, 137, 143, -15})

@@ -10,6 +10,7 @@ A checkpoint is a folder ``<ckpt_dir>/step-NNNNNNNN/``::
     rng/rank-NNNNN.pt every rank's python / numpy / torch / CUDA RNG states
     config.json       the resolved configuration
     meta.json         step, config hash, world size, time
+    files.json        size and sha256 of every file above (checkpoint_files.py)
     COMPLETE          written last
 
 Atomicity: every rank writes into ``.tmp-step-NNNNNNNN/`` beside it (all ranks call
@@ -18,15 +19,18 @@ writes ``COMPLETE`` and renames the folder into place. A crash at any point leav
 previous checkpoints only or a complete new one: folders without ``COMPLETE`` or with another name
 are never resumed. With several nodes ``ckpt_dir`` must be on a shared filesystem.
 
-Resume: :func:`find_resume_checkpoint` picks the latest complete checkpoint whose config hash
-(:func:`resume_config_hash`: the resolved config less step counts, logging and launch details)
-equals the current one, and otherwise says why the run starts fresh.
+A write that fails for want of space removes the temp folder and raises DiskFull (exit 74): the
+previous checkpoints stay as they were.
+
+Resume: :func:`find_resume_checkpoint` picks the latest complete checkpoint whose key
+(:func:`~opensora_core.training.run_key.resume_config_hash` of the resolved config, code and data
+hashes: see :mod:`~opensora_core.training.run_key`) equals the current one and whose files match
+``files.json``; a truncated or corrupt one is skipped with a warning naming the file, for the
+previous complete one. Otherwise it says why the run starts fresh.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import json
 import logging
 import os
@@ -40,9 +44,16 @@ from typing import Any, Protocol
 
 import torch
 
-from opensora_core.config import config_hash as _config_hash
 from opensora_core.distributed.booster import unwrap_model, unwrap_optimizer
 from opensora_core.distributed.dist import barrier, get_rank, get_rng_states, get_world_size, set_rng_states
+from opensora_core.training.checkpoint_files import (
+    disk_full_error,
+    is_write_failure,
+    maybe_hold,
+    verify_checkpoint,
+    write_file_manifest,
+)
+from opensora_core.training.run_key import RESUME_EXCLUDE, config_diff, resume_config_hash, to_config_dict
 
 log = logging.getLogger("opensora.checkpoint")
 
@@ -50,28 +61,6 @@ COMPLETE = "COMPLETE"
 _NAME_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
-
-RESUME_EXCLUDE: tuple[str, ...] = (
-    "profile",
-    "tracking",
-    "flow",
-    "evaluate",
-    "register",
-    "launch.timeout_s",
-    "launch.kill_grace_s",
-    "launch.omp_num_threads",
-    "launch.rdzv_*",
-    "launch.node_rank",
-    "*.steps",
-    "*.progress",
-    "*.num_workers",
-    "*.*_every",
-    "*.keep_last_n",
-)
-"""Dotted keys (fnmatch patterns) left out of the resume hash: changing them keeps a checkpoint
-resumable. Step counts (a longer run resumes a shorter one), logging and checkpoint cadence,
-loader workers, launch details that do not change the numbers, and the stages after training.
-A job adds the sections it does not depend on (``RESUME_EXCLUDE + ("diffusion",)``)."""
 
 
 class Stateful(Protocol):
@@ -89,54 +78,6 @@ class LoadedCheckpoint:
     config_hash: str
     sampler_state: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------
-# Config hash
-# --------------------------------------------------------------------------------------------
-def _config_dict(config: Any) -> dict[str, Any]:
-    """A dataclass or mapping as the plain JSON data ``config.json`` holds (tuples become lists)."""
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    return json.loads(json.dumps(dict(config), default=str))
-
-
-def _drop_keys(data: Any, patterns: tuple[str, ...], prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        return data
-    out = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if any(fnmatch.fnmatchcase(dotted, p) for p in patterns):
-            continue
-        out[key] = _drop_keys(value, patterns, dotted)
-    return out
-
-
-def resume_config_hash(config: Any, exclude: tuple[str, ...] = RESUME_EXCLUDE) -> str:
-    """``config_hash`` of the resolved config (dataclass or mapping) less the keys matching ``exclude``."""
-    return _config_hash(_drop_keys(_config_dict(config), exclude))
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def config_diff(old: Any, new: Any, exclude: tuple[str, ...] = RESUME_EXCLUDE) -> list[str]:
-    """``key: old -> new`` for every dotted key that differs (excluded keys ignored)."""
-    a = _flatten(_drop_keys(_config_dict(old), exclude))
-    b = _flatten(_drop_keys(_config_dict(new), exclude))
-    missing = object()
-    return [
-        f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-        for k in sorted(a.keys() | b.keys())
-        if a.get(k, missing) != b.get(k, missing)
-    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,17 +132,27 @@ def find_resume_checkpoint(
             else ""
         )
         return None, f"no complete checkpoint in {ckpt_dir}{extra}; starting fresh"
-    skipped = []
+    skipped, corrupt = [], []
     for path in reversed(complete):
-        saved = read_meta(path).get("config_hash", "")
+        saved = _saved_hash(path)
+        problems = ["meta.json unreadable"] if saved is None else []
         if saved == config_hash:
+            problems = verify_checkpoint(path)
+        if problems:
+            log.warning("skipping corrupt checkpoint %s: %s", path, "; ".join(problems[:3]))
+            corrupt.append(f"{path.name} ({problems[0]})")
+        elif saved == config_hash:
             note = f"; newer {', '.join(skipped)} saved with another config" if skipped else ""
+            note += f"; skipped corrupt {', '.join(corrupt)}" if corrupt else ""
             return path, f"resuming from {path} (step {checkpoint_step(path)}){note}"
-        skipped.append(path.name)
-    latest = complete[-1]
-    saved = read_meta(latest).get("config_hash", "")
+        else:
+            skipped.append(path.name)
+    if corrupt and not skipped:
+        return None, f"every checkpoint in {ckpt_dir} is corrupt ({', '.join(corrupt)}); starting fresh"
+    latest = next(p for p in reversed(complete) if p.name == skipped[0])
+    saved = _saved_hash(latest) or ""
     reason = (
-        f"config hash {config_hash[:12]} differs from every checkpoint in {ckpt_dir} "
+        f"resume key {config_hash[:12]} (config, code, data) differs from every checkpoint in {ckpt_dir} "
         f"(latest {latest.name}: {saved[:12]})"
     )
     if config is not None and (latest / "config.json").is_file():
@@ -210,6 +161,14 @@ def find_resume_checkpoint(
             more = f" and {len(changes) - 5} more" if len(changes) > 5 else ""
             reason += f"; changed: {'; '.join(changes[:5])}{more}"
     return None, reason + "; starting fresh"
+
+
+def _saved_hash(path: Path) -> str | None:
+    """The config hash in ``meta.json``, or None when the file cannot be read."""
+    try:
+        return str(read_meta(path).get("config_hash", ""))
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +198,7 @@ def save_checkpoint(
     :func:`resume_config_hash` of ``config``. ``keep_last_n > 0`` deletes older checkpoints.
     """
     ckpt_dir = Path(ckpt_dir)
-    rank, world_size = get_rank(), get_world_size()
+    rank = get_rank()
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f"{_TMP_PREFIX}{final.name}"
     if config_hash is None:
@@ -249,6 +208,48 @@ def save_checkpoint(
     if rank == 0:
         _fresh_tmp(ckpt_dir, tmp)
     barrier()
+    try:
+        _write_parts(
+            tmp, step, config_hash, model, optimizer, lr_scheduler, ema, sampler, booster, config, extra
+        )
+        barrier()
+        # 5. Rank 0 makes it durable, lists sizes and hashes, marks it complete, renames it into place.
+        if rank == 0:
+            _fsync_tree(tmp)
+            write_file_manifest(tmp)
+            maybe_hold(tmp, step)
+            _write_synced(tmp / COMPLETE, f"step {step}\nconfig_hash {config_hash}\n")
+            _publish(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        if not is_write_failure(exc):
+            raise
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(ckpt_dir)
+        raise disk_full_error(exc, ckpt_dir, step, str(previous[-1]) if previous else "") from exc
+    if rank == 0:
+        if keep_last_n > 0:
+            prune_checkpoints(ckpt_dir, keep_last_n)
+        log.info("saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def _write_parts(
+    tmp: Path,
+    step: int,
+    config_hash: str,
+    model: torch.nn.Module,
+    optimizer: Any,
+    lr_scheduler: Any,
+    ema: Any,
+    sampler: Any,
+    booster: Any,
+    config: Any,
+    extra: Mapping[str, Any] | None,
+) -> None:
+    """Steps 2-4 of :func:`save_checkpoint`: every part of the state into ``tmp``."""
+    rank, world_size = get_rank(), get_world_size()
     # 2. Model and optimizer: collectives under ZeRO, so every rank takes part.
     _save_model_and_optimizer(tmp, model, optimizer, booster, rank)
     # 3. Replicated state: rank 0 writes it once.
@@ -264,17 +265,6 @@ def save_checkpoint(
         _save_replicated(tmp, trainer_state, meta, lr_scheduler=lr_scheduler, ema=ema, config=config)
     # 4. Every rank its own RNG states.
     torch.save(get_rng_states(), tmp / "rng" / f"rank-{rank:05d}.pt")
-    barrier()
-    # 5. Rank 0 makes it durable, marks it complete and renames it into place.
-    if rank == 0:
-        _fsync_tree(tmp)
-        _write_synced(tmp / COMPLETE, f"step {step}\nconfig_hash {config_hash}\n")
-        _publish(tmp, final)
-        if keep_last_n > 0:
-            prune_checkpoints(ckpt_dir, keep_last_n)
-        log.info("saved checkpoint %s", final)
-    barrier()
-    return final
 
 
 def _fresh_tmp(ckpt_dir: Path, tmp: Path) -> None:
@@ -317,7 +307,7 @@ def _save_replicated(
         torch.save(ema.state_dict(), tmp / "ema.pt")
     torch.save(trainer_state, tmp / "trainer_state.pt")
     if config is not None:
-        (tmp / "config.json").write_text(json.dumps(_config_dict(config), indent=2, default=str))
+        (tmp / "config.json").write_text(json.dumps(to_config_dict(config), indent=2, default=str))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 

@@ -24,6 +24,7 @@ from opensora_core.models.mmdit.loader import LoadReport
 from opensora_core.models.text.encoders import CachedTextEncoder, TextEncoder, build_text_encoder_from_config
 from opensora_core.tracking import NullRun
 from opensora_core.training.checkpoint import RESUME_EXCLUDE, is_complete
+from opensora_core.training.checkpoint_files import verify_checkpoint
 from opensora_core.training.latent_cache import LatentCache
 
 log = logging.getLogger("opensora.diffusion")
@@ -120,6 +121,10 @@ def validate_stage(cfg: Config, stage: str, paths: StagePaths, load: LoadOptions
     build_buckets(stage_cfg, spatial_factor=16)  # the bucket table parses
     if load is not None and load.path and load.optimizer and not is_complete(load.path):
         raise ConfigError(f"--load-optimizer needs a checkpoint folder; {load.path} holds weights only")
+    if load is not None and load.path and is_complete(load.path):
+        problems = verify_checkpoint(load.path)
+        if problems:
+            raise InputError(f"--load {load.path} is corrupt: {'; '.join(problems[:3])}")
     needed = {
         "shard manifest (run the shard stage)": paths.shards / "manifest.json",
         "VAE (run the vae_train stage)": paths.vae,

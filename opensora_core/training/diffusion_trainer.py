@@ -14,9 +14,10 @@ The job ``opensora_core.jobs.train_diffusion`` runs :func:`train_stage` on every
    checkpoints every ``ckpt_every``;
 6. ``models/diffusion/NAME/final/`` (written atomically), the loss curve and the summary.
 
-The resume hash covers the resolved config less step counts and logging (see :data:`RUN_EXCLUDE`)
-plus what the stage read: the initial weights' sha256, the VAE's sha256 and the shards' content
-hash, so new upstream outputs start the stage fresh.
+The resume key covers the resolved config less step counts and logging (see :data:`RUN_EXCLUDE`)
+plus what the stage read: the initial weights' sha256, the VAE's sha256, the shards' content
+hash and the stage's code (:mod:`~opensora_core.training.run_key`), so new upstream outputs or a
+code change start the stage fresh; a finished run is trained again only by a forced rerun.
 
 This file holds the loop; the rest of a stage sits beside it: its wiring (paths, init weights,
 model, optimizer, encoders: :mod:`~opensora_core.training.diffusion_stage`), the step guards
@@ -62,12 +63,7 @@ from opensora_core.models.mmdit import MMDIT_SIZES
 from opensora_core.models.mmdit.loader import LoadReport
 from opensora_core.models.text.encoders import TextEmbeddings, drop_conditions
 from opensora_core.tracking import NullRun, start_stage_run
-from opensora_core.training.checkpoint import (
-    CheckpointedTrainer,
-    find_resume_checkpoint,
-    is_complete,
-    resume_config_hash,
-)
+from opensora_core.training.checkpoint import CheckpointedTrainer, is_complete
 from opensora_core.training.diffusion_outputs import (
     new_samples_path,
     render_samples,
@@ -95,8 +91,9 @@ from opensora_core.training.diffusion_stage import (
 from opensora_core.training.ema import EMA
 from opensora_core.training.guards import OomGuard, bucket_key, check_finite
 from opensora_core.training.latent_cache import LatentDataset, build_latent_loader, encode_batch_latents
-from opensora_core.training.lr_schedule import build_lr_scheduler
+from opensora_core.training.lr_schedule import build_lr_scheduler, reset_peak_lr
 from opensora_core.training.metrics import MetricWindow, flop_counter, maybe_profiler
+from opensora_core.training.run_key import code_fingerprint, mark_finished, resume_config_hash, select_resume
 
 log = logging.getLogger("opensora.diffusion")
 
@@ -179,8 +176,8 @@ class DiffusionTrainer(CheckpointedTrainer):
         self.resolved = self._resolved_config(stats)
         self.exclude = RUN_EXCLUDE + tuple(f"diffusion.stages.{n}" for n in self.dcfg.stages if n != stage)
         self.config_hash = resume_config_hash(self.resolved, self.exclude)
-        self.resume_path, reason = find_resume_checkpoint(
-            paths.ckpt(stage), self.config_hash, self.resolved, self.exclude
+        self.resume_path, reason = select_resume(
+            paths.ckpt(stage), self.config_hash, self.resolved, self.exclude, self.scfg.steps
         )
         log.info("%s", reason)
         self.run.set_tags({"resume": reason[:250]})
@@ -195,6 +192,7 @@ class DiffusionTrainer(CheckpointedTrainer):
         self.history: list[dict[str, float]] = []
         self.resumed_from = ""
         self._restore()
+        reset_peak_lr(self.optimizer, self.scfg.lr)  # the stage's LR, not a loaded optimizer's
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer,
             self.scfg.warmup_steps,
@@ -252,6 +250,7 @@ class DiffusionTrainer(CheckpointedTrainer):
             "shards_hash": self.reader.content_hash,
             "text_encoder": self.text_encoder.name,
             "load": self.load.spec(),
+            "code": code_fingerprint(f"diffusion_{self.stage}"),
         }
         return {**self.cfg.to_dict(), "run": run}
 
@@ -413,6 +412,7 @@ class DiffusionTrainer(CheckpointedTrainer):
             write_loss_csv(self.paths.loss_csv(self.stage), self.history)
             self.paths.summary(self.stage).write_text(json.dumps(summary, indent=2) + "\n")
             self.run.log_metrics({"final_loss": summary["final_loss"]}, step=self.step)
+            mark_finished(self.paths.ckpt(self.stage), self.config_hash, self.step)
         return summary
 
     def save(self) -> Path:

@@ -63,3 +63,22 @@ def build_lr_scheduler(
     """
     inner = optimizer.unwrap() if hasattr(optimizer, "unwrap") else optimizer
     return LambdaLR(inner, WarmupSchedule(warmup_steps, total_steps, schedule, min_lr_ratio))
+
+
+def reset_peak_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group the peak LR ``lr`` (a loaded optimizer state brings its own
+    ``lr`` and ``initial_lr``, and a scheduler built on it would keep the old run's peak)."""
+    inner = optimizer.unwrap() if hasattr(optimizer, "unwrap") else optimizer
+    for group in inner.param_groups:
+        group["lr"] = lr
+        group["initial_lr"] = lr
+
+
+def apply_peak_lr(scheduler: LambdaLR, lr: float) -> None:
+    """Put a loaded scheduler on the peak LR ``lr`` at its current step (the curve stays)."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [lr] * len(groups)
+    for group, fn in zip(groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

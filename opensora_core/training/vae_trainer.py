@@ -37,13 +37,10 @@ from opensora_core.models.vae import VaeModelConfig, VideoAutoencoder, build_vae
 from opensora_core.models.vae.discriminator import PatchDiscriminator3D
 from opensora_core.models.vae.losses import LPIPS, VaeLoss
 from opensora_core.tracking import NullRun, start_stage_run
-from opensora_core.training.checkpoint import (
-    CheckpointedTrainer,
-    find_resume_checkpoint,
-    resume_config_hash,
-)
+from opensora_core.training.checkpoint import CheckpointedTrainer
 from opensora_core.training.ema import EMA
-from opensora_core.training.lr_schedule import build_lr_scheduler
+from opensora_core.training.lr_schedule import apply_peak_lr, build_lr_scheduler
+from opensora_core.training.run_key import code_fingerprint, mark_finished, resume_config_hash, select_resume
 
 log = logging.getLogger("opensora.vae_train")
 
@@ -109,8 +106,13 @@ def build_loader(
 
 
 def resolved_config(cfg: Config, reader: ShardReader) -> dict[str, Any]:
-    """What this run computes from: the vae_train section and the data it reads."""
-    return {"vae_train": dataclasses.asdict(cfg.vae_train), "data": {"shards": reader.content_hash}}
+    """What this run computes from: the vae_train section, its code (the stage's dvc.yaml code
+    deps, file by file) and the data it reads (the shard manifest's content hash)."""
+    return {
+        "vae_train": dataclasses.asdict(cfg.vae_train),
+        "data": {"shards": reader.content_hash},
+        "code": code_fingerprint("vae_train"),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,12 +165,15 @@ class VaeTrainer(CheckpointedTrainer):
         return unwrap_model(self.model)
 
     def _maybe_resume(self) -> str:
-        path, reason = find_resume_checkpoint(self.paths.ckpt, self.config_hash, self.resolved, RUN_EXCLUDE)
+        path, reason = select_resume(
+            self.paths.ckpt, self.config_hash, self.resolved, RUN_EXCLUDE, self.tcfg.steps
+        )
         log.info("vae_train: %s", reason)
         self.run.set_tags({"resume": reason[:250]})
         if path is None:
             return ""
         loaded = self.load_state(path)
+        apply_peak_lr(self.lr_scheduler, self.tcfg.lr)
         self.step = loaded.step
         self.history = list(loaded.extra.get("history", []))
         if self.disc is not None and "disc" in loaded.extra:
@@ -371,5 +376,6 @@ def train_vae(cfg: Config, paths: VaePaths, info: DistInfo) -> dict[str, Any]:
             for artifact in metrics.artifacts:
                 run.log_artifact(artifact, "val")
             summary.update(metrics.summary())
+            mark_finished(paths.ckpt, trainer.config_hash, trainer.step)
         barrier()
     return summary

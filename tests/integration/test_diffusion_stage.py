@@ -87,7 +87,7 @@ def test_stage1_writes_final_weights_curve_and_summary(stage: Stage, stage1) -> 
     curve = (stage.inputs.root / "models" / "metrics" / "diffusion_stage1_loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss,lr,grad_norm" and len(curve) == 3  # logged at steps 2 and 4
     ckpts = sorted(p.name for p in (stage.inputs.root / "models" / "stage1" / "ckpt").iterdir())
-    assert ckpts == ["step-00000004"]
+    assert ckpts == ["FINISHED.json", "step-00000004"]  # the finished run's marker (run_key.py)
 
 
 def test_stage2_starts_from_stage1_final_ema(stage: Stage, stage1) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from opensora_core.config import Config, LaunchConfig
+from opensora_core.data.shards import file_sha256
 from opensora_core.distributed.booster import build_booster, maybe_clip_grad_norm, unwrap_model
 from opensora_core.distributed.dist import (
     destroy_distributed,
@@ -28,6 +30,7 @@ from opensora_core.training.checkpoint import (
     resume_config_hash,
     save_checkpoint,
 )
+from opensora_core.training.checkpoint_files import verify_checkpoint
 from opensora_core.training.ema import EMA
 from opensora_core.training.lr_schedule import build_lr_scheduler
 
@@ -160,6 +163,98 @@ def test_folder_without_complete_marker_is_ignored(tmp_path):
     _save(tmp_path, 5, model)
     (tmp_path / "ckpt" / "step-00000009").mkdir()  # e.g. a copy interrupted half way
     assert [p.name for p in list_checkpoints(tmp_path / "ckpt")] == ["step-00000005"]
+
+
+def test_files_json_lists_every_file_with_size_and_sha256(tmp_path):
+    model, *_ = _parts()
+    path = _save(tmp_path, 5, model)
+    files = json.loads((path / "files.json").read_text())["files"]
+    assert {"model.pt", "meta.json", "trainer_state.pt", "config.json", "rng/rank-00000.pt"} <= set(files)
+    assert "COMPLETE" not in files and "files.json" not in files
+    assert files["model.pt"]["size"] == (path / "model.pt").stat().st_size
+    assert files["model.pt"]["sha256"] == file_sha256(path / "model.pt")
+    assert verify_checkpoint(path) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete", "bad_meta"])
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous(tmp_path, caplog, damage):
+    model, *_ = _parts()
+    first = _save(tmp_path, 10, model)
+    newest = _save(tmp_path, 20, model)
+    target = newest / ("meta.json" if damage == "bad_meta" else "model.pt")
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_byte":
+        target.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif damage == "delete":
+        target.unlink()
+    else:
+        target.write_text("{not json")
+    with caplog.at_level("WARNING", logger="opensora.checkpoint"):
+        path, reason = find_resume_checkpoint(tmp_path / "ckpt", resume_config_hash({"lr": 1e-2}))
+    assert path == first and "step 10" in reason and "skipped corrupt step-00000020" in reason
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "step-00000020" in warning and target.name in warning
+    # the skipped one loads no more: the check is what stands between a rerun and a crash
+    if damage != "bad_meta":
+        restored, *_ = _parts(seed=1)
+        load_checkpoint(path, model=restored)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
+
+
+def test_every_checkpoint_corrupt_starts_fresh(tmp_path):
+    model, *_ = _parts()
+    only = _save(tmp_path, 10, model)
+    (only / "model.pt").write_bytes(b"")
+    path, reason = find_resume_checkpoint(tmp_path / "ckpt", resume_config_hash({"lr": 1e-2}))
+    assert path is None and "corrupt" in reason and "starting fresh" in reason
+
+
+DISK_FULL_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+from opensora_core.errors import DiskFull
+from opensora_core.training.checkpoint import list_checkpoints, save_checkpoint
+from opensora_core.training.checkpoint_files import verify_checkpoint
+ckpt = Path(sys.argv[1])
+save_checkpoint(ckpt, 1, model=torch.nn.Linear(8, 8), config={"k": 1})
+out = {}
+try:
+    save_checkpoint(ckpt, 2, model=torch.nn.Linear(1000, 1000), config={"k": 1})
+except DiskFull as exc:
+    out = {"code": exc.exit_code, "message": str(exc)}
+out["entries"] = sorted(p.name for p in ckpt.iterdir())
+out["complete"] = [p.name for p in list_checkpoints(ckpt)]
+out["problems"] = verify_checkpoint(ckpt / "step-00000001")
+print(json.dumps(out))
+"""
+
+
+def test_disk_full_during_a_save_exits_74_and_keeps_the_previous_checkpoint(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
+        pytest.skip("needs `unshare --mount` (a private 2 MiB tmpfs)")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    root = Path(__file__).resolve().parents[3]
+    shell = f'mount -t tmpfs -o size=2m tmpfs "$1" && exec "{sys.executable}" -c "$2" "$1"'
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", shell, "sh", str(ckpt), DISK_FULL_SCRIPT],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["code"] == 74 and "step-2 checkpoint" in out["message"]
+    assert "step-00000001 is intact" in out["message"] and "MiB free" in out["message"]
+    assert out["entries"] == ["step-00000001"]  # the partial folder is gone
+    assert out["complete"] == ["step-00000001"] and out["problems"] == []
 
 
 def test_keep_last_n_prunes_older_checkpoints(tmp_path):

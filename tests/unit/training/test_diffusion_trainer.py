@@ -218,7 +218,9 @@ def test_oom_in_a_step_is_recovered_and_checkpointed(
     assert summary["oom_limits"] and set(summary["oom_limits"].values()) == {1}
     state = torch.load(list_checkpoints(paths.ckpt("stage1"))[-1] / "trainer_state.pt", weights_only=True)
     assert state["extra"]["oom_guard"]["limits"] == summary["oom_limits"]
-    assert DiffusionTrainer(cfg, "stage1", paths, info).guard.limits == summary["oom_limits"]
+    # A longer run resumes the finished one (the same length would train again: a forced rerun).
+    longer = tiny_config(tmp_path / "cache", steps=4, ckpt_every=3)
+    assert DiffusionTrainer(longer, "stage1", paths, info).guard.limits == summary["oom_limits"]
 
 
 def test_micro_batches_give_the_full_batch_gradient(
@@ -293,6 +295,29 @@ def test_load_checkpoint_keeps_or_resets_step_and_optimizer(
     )
     assert final.init_path == source.final("stage1") / "ema.safetensors"
     assert final.load_report is not None and final.load_report.ok and final.step == 0
+
+
+def test_loaded_optimizer_takes_the_stage_learning_rate(
+    inputs: DiffusionInputs, info: DistInfo, tmp_path: Path
+) -> None:
+    source = stage_paths(inputs, tmp_path / "source")
+    DiffusionTrainer(tiny_config(tmp_path / "cache", steps=3), "stage1", source, info).fit()  # lr 1e-3
+    ckpt = str(list_checkpoints(source.ckpt("stage1"))[-1])
+    cfg = tiny_config(tmp_path / "cache", steps=8)
+    cfg.diffusion.stages["stage1"].lr = 5e-4
+    loaded = DiffusionTrainer(cfg, "stage1", stage_paths(inputs, tmp_path / "a"), info, LoadOptions(ckpt))
+    assert loaded.step == 3 and loaded.optimizer.unwrap().state  # the Adam moments came with it
+    group = loaded.optimizer.unwrap().param_groups[0]
+    assert group["lr"] == pytest.approx(5e-4) and group["initial_lr"] == pytest.approx(5e-4)
+    assert loaded.lr_scheduler.base_lrs == [pytest.approx(5e-4)]
+    loaded.fit()
+    lrs = [row["lr"] for row in read_curve(stage_paths(inputs, tmp_path / "a"))]
+    assert lrs[-5:] == [pytest.approx(5e-4)] * 5  # steps 4..8 at the stage's LR, not the checkpoint's 1e-3
+    # a damaged checkpoint is refused before anything launches (exit 2), naming the file
+    model = Path(ckpt) / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"corrupt: model\.pt has 100 bytes"):
+        validate_stage(cfg, "stage1", stage_paths(inputs, tmp_path / "b"), LoadOptions(ckpt))
 
 
 def test_validate_stage_names_stages_and_missing_inputs(inputs: DiffusionInputs, tmp_path: Path) -> None:
