@@ -27,19 +27,27 @@ hidden 1536, 12 heads, 8 double + 16 single blocks, 2304 image + 512 text tokens
 and the same with ``--plugin none`` for the plain-torch row (the peer: 266 TFLOP/s plain,
 178 TFLOP/s ZeRO-2, on one H200). On the lent GPU machine colossalai and its companions come as
 carried wheels, installed first as shared/gpu/README.md shows.
+
+Optimisations, each switchable for on/off rows (``benchmarks/gpu_suite.py`` runs them):
+``--no-fused-qkv`` (one matmul per projection), ``--sdpa`` (SDPA backend), ``--compile`` (of every
+block), ``--adamw`` (fused / foreach / loop), ``--checkpoint-blocks`` (activation checkpointing
+policy), ``--bucket-mb`` and ``--no-overlap`` (ZeRO-2 reduce buckets and communication overlap).
+``--json PATH`` writes the raw figures and settings of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import os
-import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +55,14 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opensora_core.models.mmdit import MMDIT_SIZES, build_mmdit, prepare_img_ids, prepare_txt_ids
+from opensora_core.models.mmdit import MMDIT_SIZES, MMDiTConfig, build_mmdit, prepare_img_ids, prepare_txt_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Dense 16-bit tensor-core peaks (TFLOP/s) for the MFU column.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+# Dense 16-bit tensor-core peaks (TFLOP/s) for the MFU column, matched in this order against the
+# card's name (an H100 PCIe is slower than the SXM part that "H100" alone stands for).
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+ADAMW_MODES = ("auto", "fused", "foreach", "loop")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "BENCHMARKS.md"
 SECTION = "## Training step"
 COLUMNS = [
@@ -60,58 +71,81 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="tiny", choices=sorted(MMDIT_SIZES), help="named MMDiT size")
-    p.add_argument("--img-tokens", type=int, default=256, help="image tokens per sample")
-    p.add_argument("--txt-tokens", type=int, default=32, help="text tokens per sample")
-    p.add_argument("--batch", type=int, default=2, help="samples per device")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before counting and timing")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--plugin", default="none", choices=["none", "ddp", "zero2"])
-    p.add_argument(
-        "--checkpoint-blocks", type=int, default=0, help="activation-checkpoint the first N blocks"
+# --------------------------------------------------------------------------------------------
+# Arguments: one group per concern
+# --------------------------------------------------------------------------------------------
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """Model size, token shapes, batch, dtype, device, plugin and step counts."""
+    g = p.add_argument_group("what to run")
+    g.add_argument("--size", default="tiny", choices=sorted(MMDIT_SIZES), help="named MMDiT size")
+    g.add_argument("--img-tokens", type=int, default=256, help="image tokens per sample")
+    g.add_argument("--txt-tokens", type=int, default=32, help="text tokens per sample")
+    g.add_argument("--batch", type=int, default=2, help="samples per device")
+    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    g.add_argument("--steps", type=int, default=5, help="timed steps")
+    g.add_argument("--warmup", type=int, default=2, help="untimed steps before counting and timing")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--plugin", default="none", choices=["none", "ddp", "zero2"])
+
+
+def add_optimisation_args(p: argparse.ArgumentParser) -> None:
+    """The switchable optimisations (each measured on and off by the GPU suite)."""
+    g = p.add_argument_group("optimisations")
+    g.add_argument(
+        "--no-fused-qkv", dest="fused_qkv", action="store_false", help="one matmul per q/k/v projection"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile every block")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0 = known GPUs only)")
-    p.add_argument("--write", action="store_true", help=f"append the result to {DEFAULT_OUTPUT.name}")
-    p.add_argument(
+    g.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS, help="SDPA backend (auto = torch picks)")
+    g.add_argument("--compile", action="store_true", help="torch.compile every block")
+    g.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (eager for a dry run)"
+    )
+    g.add_argument("--adamw", default="auto", choices=ADAMW_MODES, help="AdamW kernel (auto: fused on CUDA)")
+    g.add_argument(
+        "--checkpoint-blocks", type=int, default=0, help="activation-checkpoint the first N blocks (-1 = all)"
+    )
+    g.add_argument("--bucket-mb", type=int, default=12, help="zero2: reduce bucket size in M elements")
+    g.add_argument(
+        "--no-overlap", dest="overlap", action="store_false", help="zero2: no communication overlap"
+    )
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """Where the figures go."""
+    g = p.add_argument_group("output")
+    g.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0 = known GPUs only)")
+    g.add_argument("--write", action="store_true", help=f"append the result to {DEFAULT_OUTPUT.name}")
+    g.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help="markdown file that --write appends to"
     )
-    args = p.parse_args(argv)
+    g.add_argument("--json", type=Path, default=None, help="write the raw figures and settings here")
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject combinations that cannot run, with the reason."""
     if args.plugin == "zero2" and not args.device.startswith("cuda"):
         p.error("--plugin zero2 needs CUDA (ColossalAI's LowLevelZeroPlugin); use none or ddp on CPU")
     if args.plugin == "zero2" and args.dtype == "fp32":
         p.error("--plugin zero2 trains in bf16 or fp16 over fp32 master weights: pass --dtype bf16")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_args(p)
+    add_optimisation_args(p)
+    add_output_args(p)
+    args = p.parse_args(argv)
+    check_args(p, args)
     return args
 
 
 # --------------------------------------------------------------------------------------------
 # Setup
 # --------------------------------------------------------------------------------------------
-def maybe_init_distributed(device: torch.device) -> None:
-    """Join torchrun's process group, or start a single-process one when run directly."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-        )
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
 def token_grid(n: int) -> tuple[int, int, int]:
     """A (t, h, w) grid of n tokens, as square per frame as n allows (positions only shape rope)."""
-    for t in (16, 9, 8, 4, 2, 1):
+    for t in (17, 16, 9, 8, 4, 2, 1):
         side = math.isqrt(n // t)
         if t * side * side == n:
             return t, side, side
@@ -119,8 +153,10 @@ def token_grid(n: int) -> tuple[int, int, int]:
     return 1, h, n // h
 
 
-def build_inputs(model_config, args: argparse.Namespace, device: torch.device) -> tuple[dict, torch.Tensor]:
-    """Random inputs of the requested shapes and a random regression target."""
+def build_inputs(
+    model_config: MMDiTConfig, args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Random inputs of the requested shapes and a random target (B, img_tokens, out_channels)."""
     b, li, lt = args.batch, args.img_tokens, args.txt_tokens
     inputs = {
         "img": torch.randn(b, li, model_config.in_channels, device=device),
@@ -136,28 +172,63 @@ def build_inputs(model_config, args: argparse.Namespace, device: torch.device) -
     return inputs, torch.randn(b, li, model_config.out_channels or model_config.in_channels, device=device)
 
 
-def build_training(args: argparse.Namespace, device: torch.device):
-    """Model, optimizer and a backward function, boosted by ColossalAI unless the plugin is ``none``."""
-    dtype = DTYPES[args.dtype]
-    model = build_mmdit(args.size, device=device, checkpoint_blocks=args.checkpoint_blocks)
+def build_adamw(params: Iterator[torch.nn.Parameter], mode: str, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the requested kernel: ``fused`` (one kernel), ``foreach`` (batched), ``loop``."""
+    if mode == "auto":
+        mode = "fused" if device.type == "cuda" else "foreach"
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[mode]
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **kernel)
+
+
+def build_training(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module, Any, Callable[[torch.Tensor], None]]:
+    """Model (boosted or plain), the plain MMDiT, the optimizer and a backward function.
+
+    Boosting goes through the product's :func:`opensora_core.distributed.booster.build_booster`.
+    """
+    model = build_mmdit(
+        args.size, device=device, checkpoint_blocks=args.checkpoint_blocks, fused_qkv=args.fused_qkv
+    )
     if args.plugin != "zero2":  # zero2 keeps fp32 master weights and casts its working copy itself
-        model = model.to(dtype=dtype)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
+        model = model.to(dtype=DTYPES[args.dtype])
+    optimizer = build_adamw(model.parameters(), args.adamw, device)
     if args.plugin == "none":
         return model, model, optimizer, lambda loss: loss.backward()
 
-    from colossalai.booster import Booster
-    from colossalai.booster.plugin import LowLevelZeroPlugin, TorchDDPPlugin
+    from opensora_core.distributed.booster import build_booster
+    from opensora_core.distributed.dist import init_distributed
 
-    maybe_init_distributed(device)
-    if args.plugin == "ddp":
-        plugin = TorchDDPPlugin()
+    init_distributed()
+    if args.plugin == "ddp":  # parameters already in --dtype; no AMP on top
+        booster = build_booster("ddp", "fp32")
     else:
-        plugin = LowLevelZeroPlugin(stage=2, precision=args.dtype, max_norm=0.0)
-    booster = Booster(plugin=plugin)
+        booster = build_booster(
+            "zero2",
+            args.dtype,
+            reduce_bucket_size_in_m=args.bucket_mb,
+            overlap_communication=args.overlap,
+        )
     boosted, optimizer, *_ = booster.boost(model, optimizer)
     return boosted, model, optimizer, lambda loss: booster.backward(loss, optimizer)
+
+
+@contextmanager
+def sdpa_backend(name: str) -> Iterator[None]:
+    """Restrict SDPA to one backend (``auto`` leaves torch's choice)."""
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    with sdpa_kernel(backend):
+        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +259,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args: argparse.Namespace) -> dict[str, str]:
-    """Build, warm up, count FLOPs over one step, time ``--steps`` steps; one result row."""
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Build, warm up, count FLOPs over one step, time ``--steps`` steps; the raw figures."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     model, plain_model, optimizer, backward = build_training(args, device)
@@ -201,51 +272,62 @@ def measure(args: argparse.Namespace) -> dict[str, str]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    # 1. FLOPs of one step, eager (a compiled graph hides its ops from the counter)
-    for _ in range(1 if args.compile else args.warmup):
-        step()
-    flops = count_flops(step)
-    if args.compile:
-        for block in (*plain_model.double_blocks, *plain_model.single_blocks):
-            block.compile()
-        for _ in range(args.warmup):
+    with sdpa_backend(args.sdpa):
+        # 1. FLOPs of one step, eager (a compiled graph hides its ops from the counter)
+        for _ in range(1 if args.compile else args.warmup):
             step()
+        flops = count_flops(step)
+        if args.compile:
+            for block in (*plain_model.double_blocks, *plain_model.single_blocks):
+                block.compile(backend=args.compile_backend)
+            for _ in range(max(1, args.warmup)):
+                step()
 
-    # 2. timed steps
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
+        # 2. timed steps
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        seconds = (time.perf_counter() - start) / args.steps
+    return summarize(args, device, plain_model, flops, seconds)
 
+
+def summarize(
+    args: argparse.Namespace, device: torch.device, model: torch.nn.Module, flops: int, seconds: float
+) -> dict[str, Any]:
+    """The raw figures and settings of one run (what ``--json`` writes)."""
     world = _world_size()
     peak = args.peak_tflops or _known_peak(device, args.dtype)
     tflops = flops / seconds / 1e12
-    params = sum(p.numel() for p in plain_model.parameters())
     return {
         "date": dt.date.today().isoformat(),
-        "device": _device_name(device) + (f" x{world}" if world > 1 else ""),
+        "device": _device_name(device),
+        "world_size": world,
         "size": args.size,
-        "params": f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M",
+        "params": sum(p.numel() for p in model.parameters()),
         "plugin": args.plugin,
         "dtype": args.dtype,
-        "batch": str(args.batch),
-        "img tokens": str(args.img_tokens),
-        "txt tokens": str(args.txt_tokens),
-        "ckpt blocks": str(args.checkpoint_blocks),
-        "compile": "yes" if args.compile else "no",
-        "GFLOP/step": f"{flops / 1e9:,.1f}",
-        "step ms": f"{seconds * 1e3:.1f}",
-        "img tokens/s": f"{world * args.batch * args.img_tokens / seconds:,.0f}",
-        "tokens/s": f"{world * args.batch * (args.img_tokens + args.txt_tokens) / seconds:,.0f}",
-        "TFLOP/s": f"{tflops:.3g}",
-        "MFU": f"{100 * tflops / peak:.0f}%" if peak else "-",
-        "peak GiB": f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
-        if device.type == "cuda"
-        else "-",
+        "batch": args.batch,
+        "img_tokens": args.img_tokens,
+        "txt_tokens": args.txt_tokens,
+        "fused_qkv": args.fused_qkv,
+        "sdpa": args.sdpa,
+        "compile": args.compile_backend if args.compile else "",
+        "adamw": args.adamw,
+        "checkpoint_blocks": args.checkpoint_blocks,
+        "bucket_mb": args.bucket_mb if args.plugin == "zero2" else None,
+        "overlap": args.overlap if args.plugin == "zero2" else None,
+        "flops_per_step": flops,
+        "step_s": seconds,
+        "img_tokens_per_s": world * args.batch * args.img_tokens / seconds,
+        "tokens_per_s": world * args.batch * (args.img_tokens + args.txt_tokens) / seconds,
+        "tflops": tflops,
+        "peak_tflops": peak or None,
+        "mfu": tflops / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
 
@@ -261,16 +343,46 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def peak_for_card(name: str) -> float:
+    """Dense bf16 peak TFLOP/s of a card by its name (0 when unknown)."""
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), 0.0)
+
+
 def _known_peak(device: torch.device, dtype: str) -> float:
     if device.type != "cuda" or dtype == "fp32":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), 0.0)
+    return peak_for_card(torch.cuda.get_device_name(device))
 
 
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
+def format_row(result: dict[str, Any]) -> dict[str, str]:
+    """The markdown columns of one result of :func:`measure`."""
+    params, world = result["params"], result["world_size"]
+    mem = result["peak_mem_gib"]
+    return {
+        "date": result["date"],
+        "device": result["device"] + (f" x{world}" if world > 1 else ""),
+        "size": result["size"],
+        "params": f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M",
+        "plugin": result["plugin"],
+        "dtype": result["dtype"],
+        "batch": str(result["batch"]),
+        "img tokens": str(result["img_tokens"]),
+        "txt tokens": str(result["txt_tokens"]),
+        "ckpt blocks": str(result["checkpoint_blocks"]),
+        "compile": "yes" if result["compile"] else "no",
+        "GFLOP/step": f"{result['flops_per_step'] / 1e9:,.1f}",
+        "step ms": f"{result['step_s'] * 1e3:.1f}",
+        "img tokens/s": f"{result['img_tokens_per_s']:,.0f}",
+        "tokens/s": f"{result['tokens_per_s']:,.0f}",
+        "TFLOP/s": f"{result['tflops']:.3g}",
+        "MFU": f"{100 * result['mfu']:.0f}%" if result["mfu"] is not None else "-",
+        "peak GiB": f"{mem:.1f}" if mem is not None else "-",
+    }
+
+
 def markdown_row(row: dict[str, str]) -> str:
     return "| " + " | ".join(row[c] for c in COLUMNS) + " |"
 
@@ -300,18 +412,21 @@ def append_result(path: Path, row: dict[str, str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    row = measure(args)
+    result = measure(args)
+    row = format_row(result)
     if int(os.environ.get("RANK", 0)) == 0:
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(markdown_header())
         print(markdown_row(row))
         if args.write:
             append_result(args.output, row)
             print(f"appended to {args.output}")
     if args.plugin != "none":
-        import torch.distributed as dist
+        from opensora_core.distributed.dist import destroy_distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed()
     return 0
 
 

@@ -114,8 +114,14 @@ class Modulation(nn.Module):
         return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
 
 
-def _fused_linear(x: Tensor, layers: list[nn.Linear]) -> Tensor:
-    """Apply several Linear layers that read the same x as one matmul; outputs concatenated on the last dim."""
+def _fused_linear(x: Tensor, layers: list[nn.Linear], fused: bool = True) -> Tensor:
+    """Apply several Linear layers that read the same x as one matmul; outputs concatenated on the last dim.
+
+    ``fused=False`` runs one matmul per layer (Open-Sora 2.0's released layout; same math), which
+    ``benchmarks/train_step.py --no-fused-qkv`` measures against.
+    """
+    if not fused:
+        return torch.cat([layer(x) for layer in layers], dim=-1)
     weight = torch.cat([layer.weight for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     return F.linear(x, weight, bias)
@@ -124,9 +130,10 @@ def _fused_linear(x: Tensor, layers: list[nn.Linear]) -> Tensor:
 class SelfAttention(nn.Module):
     """One stream's attention weights in a double block: q/k/v projections, QK norm, output projection."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, fused_qkv: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.fused_qkv = fused_qkv
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
@@ -135,7 +142,7 @@ class SelfAttention(nn.Module):
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (B, L, C) -> q, k, v: (B, L, H, D), q and k normalised."""
-        qkv = _fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])
+        qkv = _fused_linear(x, [self.q_proj, self.k_proj, self.v_proj], self.fused_qkv)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(dim=2)
         q, k = self.norm(q, k, v)
         return q, k, v
@@ -149,17 +156,24 @@ def _mlp(dim: int, mlp_ratio: float) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """Image and text tokens keep separate weights (modulation, attention, MLP) but attend jointly."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool = False,
+        fused_qkv: bool = True,
+    ) -> None:
         super().__init__()
         self.img_mod = Modulation(hidden_size, double=True)
         self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias, fused_qkv=fused_qkv)
         self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.img_mlp = _mlp(hidden_size, mlp_ratio)
 
         self.txt_mod = Modulation(hidden_size, double=True)
         self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias=qkv_bias, fused_qkv=fused_qkv)
         self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_mlp = _mlp(hidden_size, mlp_ratio)
 
@@ -185,8 +199,11 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """One weight set over the joint sequence; attention and MLP run in parallel from one input projection."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, fused_qkv: bool = True
+    ) -> None:
         super().__init__()
+        self.fused_qkv = fused_qkv
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
@@ -204,7 +221,7 @@ class SingleStreamBlock(nn.Module):
         mod, _ = self.modulation(vec)
         x_mod = modulate(self.pre_norm(x), mod)
         c = self.hidden_size
-        q, k, v, mlp = _fused_linear(x_mod, [self.q_proj, self.k_proj, self.v_mlp]).split(
+        q, k, v, mlp = _fused_linear(x_mod, [self.q_proj, self.k_proj, self.v_mlp], self.fused_qkv).split(
             [c, c, c, self.mlp_hidden_dim], dim=-1
         )
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v))

@@ -62,6 +62,8 @@ class MMDiTConfig:
     """Spatial patch size (the temporal patch is 1); tokens hold in_channels / patch_size**2 latent channels."""
     checkpoint_blocks: int = 0
     """Recompute the first N blocks (double blocks first, then single) in backward; -1 = every block."""
+    fused_qkv: bool = True
+    """Run the projections that read the same input (q/k/v, single blocks' q/k/v+MLP) as one matmul."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -160,11 +162,13 @@ class MMDiT(nn.Module):
         self.txt_in = nn.Linear(config.context_in_dim, config.hidden_size)
 
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(config.hidden_size, config.num_heads, config.mlp_ratio, config.qkv_bias)
+            DoubleStreamBlock(
+                config.hidden_size, config.num_heads, config.mlp_ratio, config.qkv_bias, config.fused_qkv
+            )
             for _ in range(config.depth)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(config.hidden_size, config.num_heads, config.mlp_ratio)
+            SingleStreamBlock(config.hidden_size, config.num_heads, config.mlp_ratio, config.fused_qkv)
             for _ in range(config.depth_single_blocks)
         )
         self.final_layer = LastLayer(config.hidden_size, self.out_channels)

@@ -236,6 +236,31 @@ def test_activation_checkpointing_gives_the_same_output_and_grads(checkpoint_blo
     assert calls["n"] == 2  # the first block ran again in backward: it was checkpointed
 
 
+def test_unfused_projections_give_the_same_output_and_state_dict():
+    fused = build_mmdit("tiny")
+    _randomize(fused)
+    unfused = build_mmdit("tiny", fused_qkv=False)
+    unfused.load_state_dict(fused.state_dict())  # same parameter names: only the matmul layout differs
+    inputs = _inputs(fused.config)
+    calls = {"n": 0}
+    linear = torch.nn.functional.linear
+
+    def counting_linear(*args, **kwargs):
+        calls["n"] += 1
+        return linear(*args, **kwargs)
+
+    outs = []
+    for model in (fused, unfused):
+        calls["n"] = 0
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.functional, "linear", counting_linear)
+            outs.append((model(**inputs), calls["n"]))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    # unfused: 2 more matmuls per attention stream (2 per double block) and per single block
+    config = fused.config
+    assert outs[1][1] - outs[0][1] == 2 * (2 * config.depth + config.depth_single_blocks)
+
+
 def test_bfloat16_forward():
     model = build_mmdit("tiny").to(torch.bfloat16)
     _randomize(model)
