@@ -143,7 +143,18 @@ class LaunchConfig:
     rdzv_id: str = "opensora"
     """Rendezvous id shared by all nodes of one job."""
     node_rank: int = -1
-    """This node's rank for static rendezvous; -1 lets the c10d rendezvous assign it."""
+    """This node's rank, 0..nnodes-1. ``static``: required, it is the node's rank. ``c10d``: the
+    rendezvous assigns ranks; 0 hosts the rendezvous store, others connect to it, -1 leaves that
+    to torchrun (the node whose hostname matches the endpoint hosts it)."""
+    rdzv_backend: str = "c10d"
+    """Multi-node rendezvous: ``c10d`` (elastic: a restart of one node brings every node into a
+    new round) or ``static`` (fixed node ranks, rank 0's address as master; no restarts)."""
+    rdzv_timeout_s: int = 600
+    """Seconds a node waits for all ``nnodes`` to join the rendezvous before it fails with exit 75
+    (torchrun's ``join_timeout``)."""
+    max_restarts: int = 0
+    """Times torchrun restarts the whole worker group after a worker fails (a killed process, a
+    lost node); training resumes from its latest checkpoint. Multi-node restarts need ``c10d``."""
     timeout_s: int = 0
     """Kill the whole job after this many seconds (0 = no limit)."""
     omp_num_threads: int = 0
@@ -158,6 +169,19 @@ class LaunchConfig:
             raise ConfigError("launch.timeout_s, launch.omp_num_threads and launch.kill_grace_s must be >= 0")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("launch.rdzv_endpoint is required when launch.nnodes > 1")
+        if self.rdzv_backend not in ("c10d", "static"):
+            raise ConfigError(f"launch.rdzv_backend must be c10d or static, got {self.rdzv_backend!r}")
+        if self.rdzv_timeout_s <= 0 or self.max_restarts < 0:
+            raise ConfigError("launch.rdzv_timeout_s must be > 0 and launch.max_restarts >= 0")
+        if not -1 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"launch.node_rank must be -1 or 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.rdzv_backend == "static" and self.rdzv_endpoint:
+            if self.node_rank < 0:
+                raise ConfigError("launch.rdzv_backend=static needs launch.node_rank >= 0")
+            if self.max_restarts > 0:
+                raise ConfigError(
+                    "launch.max_restarts > 0 needs launch.rdzv_backend=c10d (static cannot regroup)"
+                )
 
 
 @dataclass

@@ -62,6 +62,7 @@ RESUME_EXCLUDE: tuple[str, ...] = (
     "launch.omp_num_threads",
     "launch.rdzv_*",
     "launch.node_rank",
+    "launch.max_restarts",
     "*.steps",
     "*.progress",
     "*.num_workers",
