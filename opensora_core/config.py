@@ -650,6 +650,15 @@ class FlowConfig:
     """Per-stage timeout in seconds, stage name -> seconds (missing = default_timeout_s)."""
     default_timeout_s: int = 3600
     """Timeout of a stage not named in stage_timeout_s."""
+    node_launcher: str = "local"
+    """Who starts nodes 1..N-1 of a multi-node stage (``launch.nnodes > 1``): ``local``, the stage
+    task starts them on this machine beside node 0 so a retry restarts the whole group
+    (flows/nodes.py); ``none``, they are started elsewhere (``srun``, by hand) and the flow runs
+    node 0 only."""
+
+    def __post_init__(self) -> None:
+        if self.node_launcher not in ("local", "none"):
+            raise ConfigError(f"flow.node_launcher must be local or none, got {self.node_launcher!r}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ two real torchrun agents meet in a real rendezvous, as on two hosts sharing the 
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import signal
 import subprocess
@@ -165,3 +166,72 @@ def test_a_node_that_never_joins_fails_retryably_naming_the_endpoint(mn_project:
     assert node.returncode == 75, out[-3000:]
     assert f"at 127.0.0.1:{port} failed: not all 2 nodes joined within 8s" in out
     assert elapsed < 8 + 45  # the join timeout plus interpreter and torchrun start-up
+
+
+# --------------------------------------------------------------------------------------------
+# The flow launches every node; a retry restarts the whole group
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def restore_profile(mn_project: Project):
+    """The flow writes its overrides into params/ci.yaml (as dvc exp run -S does): put it back."""
+    profile = mn_project.root / "params/ci.yaml"
+    text = profile.read_text()
+    yield
+    profile.write_text(text)
+
+
+def flow_command(port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "flows.pipeline", "--target", "vae_train",
+        "--set", "launch.nnodes=2",
+        "--set", f"launch.rdzv_endpoint=127.0.0.1:{port}",
+        "--set", "flow.retries=1",
+        "--set", "flow.retry_delay_s=1",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_flow_launches_both_nodes_and_a_retry_restarts_the_group(
+    mn_project: Project, vae_reference: dict, restore_profile: None
+) -> None:
+    root = mn_project.root
+    shutil.rmtree(root / "models/vae", ignore_errors=True)
+    flow = subprocess.Popen(
+        flow_command(free_port()),
+        cwd=root,
+        env=mn_project.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # Kill node 1's worker once a checkpoint exists: with no torchrun restarts (max_restarts 0)
+    # the whole job fails with 75 and only the flow's retry can bring both nodes back.
+    first_ckpt = root / "models/vae/ckpt/step-00000006/COMPLETE"
+    wait_until(first_ckpt.is_file, 300, "the step-6 checkpoint", flow)
+    victims = worker_pids(root, "opensora_core.jobs.train_vae", node_rank=1)
+    assert len(victims) == 1
+    psutil.Process(victims[0]).send_signal(signal.SIGKILL)
+    out = flow.communicate(timeout=400)[0]
+    assert flow.returncode == 0, out[-5000:]
+    assert "failed with exit code 75 (retryable)" in out and "Retry 1/1 will start" in out, out[-5000:]
+    starts = re.findall(r"\[node 1\] \S+ -m tasks\.vae_train --set launch\.node_rank=1", out)
+    assert len(starts) == 2, out[-5000:]  # the flow started node 1 for the first try and for the retry
+    assert "resumed from models/vae/ckpt/step-00000006" in out
+    assert "vae_train" in (root / "dvc.lock").read_text()
+    assert_same_curve(loss_curve(root / "metrics/vae_train_loss.csv"), vae_reference["curve"])
+    assert_same_weights(root / "models/vae/final/model.safetensors", vae_reference["weights"])
+
+
+def test_flow_retries_a_node_that_never_joined(mn_project: Project, restore_profile: None) -> None:
+    # node_launcher none: the flow runs node 0 only and nobody starts node 1.
+    port = free_port()
+    extra = ("--set", "flow.node_launcher=none", "--set", "launch.rdzv_timeout_s=8")
+    proc = mn_project.run(*flow_command(port, *extra), check=False, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 75, out[-5000:]
+    assert f"at 127.0.0.1:{port} failed: not all 2 nodes joined within 8s" in out
+    assert "stage vae_train failed with exit code 75 (retryable)" in out
+    assert "Retry 1/1 will start" in out  # Prefect retried it: 75 is retryable
+    assert (
+        len(re.findall(r"\[vae_train\] Running stage 'vae_train'", out)) == 2
+    )  # the first try and the retry
