@@ -635,7 +635,8 @@ class TrackingConfig:
     experiment: str = "opensora"
     """MLflow experiment name."""
     artifact_dir: str = "mlartifacts"
-    """Artifact location of the experiment, relative to the project root."""
+    """Artifact location of the experiment, relative to the project root, on a local store (a
+    tracking server keeps artifacts where its ``--artifacts-destination`` says)."""
 
 
 @dataclass
