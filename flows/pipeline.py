@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 import opensora_core  # noqa: F401  (sets the offline environment before Prefect starts)
 from flows.dvc_dag import DVC_RAN, DVC_SKIPPED, command_exit_code, is_retryable, stage_order, upstream_of
+from flows.nodes import NodeGroup, node_commands
 from opensora_core.config import Config, load_config, parse_overrides, resolve_profile_path
 from opensora_core.errors import ConfigError
 from opensora_core.process import run_process_group, venv_env
@@ -68,8 +69,19 @@ def retry_only_retryable(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(name="dvc-stage", retry_condition_fn=retry_only_retryable)
-def run_stage(stage: str, root: str, force: bool, timeout_s: int, parent_run_id: str | None) -> StageOutcome:
-    """``dvc repro --single-item STAGE`` in its own process group, output streamed to the logs."""
+def run_stage(
+    stage: str,
+    root: str,
+    force: bool,
+    timeout_s: int,
+    parent_run_id: str | None,
+    nodes: list[list[str]] | None = None,
+) -> StageOutcome:
+    """``dvc repro --single-item STAGE`` in its own process group, output streamed to the logs.
+
+    ``nodes``: the commands of a multi-node stage's other nodes (flows/nodes.py), started when DVC
+    starts the stage and ended with it, so the task (and its retry) covers the whole group.
+    """
     logger = get_run_logger()
     env = venv_env()
     env["DVC_NO_ANALYTICS"] = "1"
@@ -80,9 +92,12 @@ def run_stage(stage: str, root: str, force: bool, timeout_s: int, parent_run_id:
         cmd.append("--force")
     lines: deque[str] = deque(maxlen=400)
     last_bar = [0.0]
+    group = NodeGroup(nodes or [], cwd=root, env=env, log=lambda line: logger.info("[%s] %s", stage, line))
 
     def on_line(line: str) -> None:
         lines.append(line)
+        if group.commands and not group.started and f"Running stage '{stage}'" in line:
+            group.start()
         # Progress bars redraw many times a second: keep one refresh in PROGRESS_EVERY_S, and the end.
         if PROGRESS_BAR.search(line) and "100%|" not in line:
             now = time.monotonic()
@@ -91,8 +106,16 @@ def run_stage(stage: str, root: str, force: bool, timeout_s: int, parent_run_id:
             last_bar[0] = now
         logger.info("[%s] %s", stage, line)
 
-    result = run_process_group(cmd, env=env, cwd=root, timeout_s=timeout_s, on_line=on_line)
+    try:
+        result = run_process_group(cmd, env=env, cwd=root, timeout_s=timeout_s, on_line=on_line)
+    except BaseException:  # a cancel or Ctrl-C: no node may outlive the task
+        group.kill()
+        raise
+    node, node_code = group.finish(node0_ok=result.returncode == 0)
     output = "\n".join(lines)
+    if result.returncode == 0 and node_code != 0:
+        retryable = is_retryable(node_code, output)
+        raise StageFailed(stage, node_code, retryable, f"node {node} of the group exited with {node_code}")
     if result.returncode != 0:
         code = command_exit_code(output, result.returncode)
         retryable = result.timed_out or is_retryable(code, output)
@@ -218,8 +241,9 @@ def opensora_pipeline(
                 retry_delay_seconds=cfg.flow.retry_delay_s,
             )
             # wait_for on the previous stage draws the DAG's edges in the Prefect UI.
+            nodes = node_commands(root_path, stage, cfg)
             state = runner(
-                stage, str(root_path), force, timeout, parent, wait_for=previous, return_state=True
+                stage, str(root_path), force, timeout, parent, nodes, wait_for=previous, return_state=True
             )
             outcome = state.result()  # raises the stage's StageFailed
             previous = [state]

@@ -178,11 +178,22 @@ class LaunchConfig:
     rdzv_id: str = "opensora"
     """Rendezvous id shared by all nodes of one job."""
     node_rank: int = -1
-    """This node's rank for static rendezvous; -1 lets the c10d rendezvous assign it."""
+    """This node's rank, 0..nnodes-1. ``static``: required, it is the node's rank. ``c10d``: the
+    rendezvous assigns ranks; 0 hosts the rendezvous store, others connect to it, -1 leaves that
+    to torchrun (the node whose hostname matches the endpoint hosts it)."""
     store_bind: str = "127.0.0.1"
     """Address a single-node job's torchrun c10d store (and the workers' ``MASTER_ADDR``) listens
     on: loopback by default, so nothing is opened to the network. Empty: torch's own
     ``--standalone``, which listens on every interface. Multi-node runs use ``rdzv_endpoint``."""
+    rdzv_backend: str = "c10d"
+    """Multi-node rendezvous: ``c10d`` (elastic: a restart of one node brings every node into a
+    new round) or ``static`` (fixed node ranks, rank 0's address as master; no restarts)."""
+    rdzv_timeout_s: int = 600
+    """Seconds a node waits for all ``nnodes`` to join the rendezvous before it fails with exit 75
+    (torchrun's ``join_timeout``)."""
+    max_restarts: int = 0
+    """Times torchrun restarts the whole worker group after a worker fails (a killed process, a
+    lost node); training resumes from its latest checkpoint. Multi-node restarts need ``c10d``."""
     timeout_s: int = 0
     """Kill the whole job after this many seconds (0 = no limit)."""
     omp_num_threads: int = 0
@@ -197,6 +208,19 @@ class LaunchConfig:
             raise ConfigError("launch.timeout_s, launch.omp_num_threads and launch.kill_grace_s must be >= 0")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError("launch.rdzv_endpoint is required when launch.nnodes > 1")
+        if self.rdzv_backend not in ("c10d", "static"):
+            raise ConfigError(f"launch.rdzv_backend must be c10d or static, got {self.rdzv_backend!r}")
+        if self.rdzv_timeout_s <= 0 or self.max_restarts < 0:
+            raise ConfigError("launch.rdzv_timeout_s must be > 0 and launch.max_restarts >= 0")
+        if not -1 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"launch.node_rank must be -1 or 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.rdzv_backend == "static" and self.rdzv_endpoint:
+            if self.node_rank < 0:
+                raise ConfigError("launch.rdzv_backend=static needs launch.node_rank >= 0")
+            if self.max_restarts > 0:
+                raise ConfigError(
+                    "launch.max_restarts > 0 needs launch.rdzv_backend=c10d (static cannot regroup)"
+                )
 
 
 @dataclass
@@ -662,7 +686,8 @@ class TrackingConfig:
     experiment: str = "opensora"
     """MLflow experiment name."""
     artifact_dir: str = "mlartifacts"
-    """Artifact location of the experiment, relative to the project root."""
+    """Artifact location of the experiment, relative to the project root, on a local store (a
+    tracking server keeps artifacts where its ``--artifacts-destination`` says)."""
 
 
 @dataclass
@@ -677,6 +702,15 @@ class FlowConfig:
     """Per-stage timeout in seconds, stage name -> seconds (missing = default_timeout_s)."""
     default_timeout_s: int = 3600
     """Timeout of a stage not named in stage_timeout_s."""
+    node_launcher: str = "local"
+    """Who starts nodes 1..N-1 of a multi-node stage (``launch.nnodes > 1``): ``local``, the stage
+    task starts them on this machine beside node 0 so a retry restarts the whole group
+    (flows/nodes.py); ``none``, they are started elsewhere (``srun``, by hand) and the flow runs
+    node 0 only."""
+
+    def __post_init__(self) -> None:
+        if self.node_launcher not in ("local", "none"):
+            raise ConfigError(f"flow.node_launcher must be local or none, got {self.node_launcher!r}")
 
 
 @dataclass

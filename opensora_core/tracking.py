@@ -1,7 +1,10 @@
 """MLflow tracking behind one small interface: one run per stage, nested under the pipeline run.
 
 The tracking store is ``sqlite:///mlflow.db`` by default (``MLFLOW_TRACKING_URI`` overrides it),
-the experiment ``opensora`` stores its artifacts in ``mlartifacts/``. When the Prefect flow drives
+the experiment ``opensora`` stores its artifacts in ``mlartifacts/``. Against a tracking server
+(an ``http(s)://`` URI) the experiment is created without a location of its own, so the server
+stores artifacts where its ``--artifacts-destination`` says (``mlflow-artifacts:/`` URIs) and
+every client reads them through it. When the Prefect flow drives
 the stages it passes its run id in ``OPENSORA_PARENT_RUN_ID`` and every stage run nests under it.
 In distributed jobs only rank 0 logs: the other ranks get a :class:`NullRun`.
 
@@ -135,6 +138,11 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
 
 
+def is_tracking_server(uri: str) -> bool:
+    """True for a tracking server (``http(s)://``), which owns where artifacts go."""
+    return uri.startswith(("http://", "https://"))
+
+
 def get_client(cfg: TrackingConfig) -> Any:
     """An MlflowClient on the configured store (never the global tracking URI, which
     ``mlflow.set_tracking_uri`` also exports to the environment of every later process)."""
@@ -145,15 +153,19 @@ def get_client(cfg: TrackingConfig) -> Any:
 
 
 def get_experiment_id(cfg: TrackingConfig, root: Path | None = None) -> str:
-    """The experiment's id, creating it with its artifact location on first use."""
+    """The experiment's id, creating it on first use: with ``artifact_dir`` as its location on a
+    local store, with the server's proxied artifact store behind a tracking server."""
     client = get_client(cfg)
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = (Path(root or Path.cwd()) / cfg.artifact_dir).resolve()
-    location.mkdir(parents=True, exist_ok=True)
+    location = None
+    if not is_tracking_server(tracking_uri(cfg)):
+        path = (Path(root or Path.cwd()) / cfg.artifact_dir).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        location = path.as_uri()
     try:
-        return client.create_experiment(cfg.experiment, artifact_location=location.as_uri())
+        return client.create_experiment(cfg.experiment, artifact_location=location)
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(cfg.experiment)
         if exp is None:

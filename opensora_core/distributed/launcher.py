@@ -64,9 +64,9 @@ def build_torchrun_command(launch: LaunchConfig, module: str, args: list[str]) -
     Single node without an endpoint: a c10d rendezvous on ``launch.store_bind`` (127.0.0.1) at a
     free port, what ``--standalone`` does but listening on that address only (torchrun is run
     through :mod:`opensora_core.distributed.bound_store`, since torch's store listens on every
-    interface whatever host it is given). With ``launch.rdzv_endpoint``: a c10d rendezvous shared
-    by all nodes, or, when ``launch.node_rank >= 0``, the static rendezvous with that node rank
-    and rank 0's address; a loopback endpoint's store listens on that address only.
+    interface whatever host it is given). With ``launch.rdzv_endpoint``: a c10d multi-node
+    rendezvous of :func:`rendezvous_args`; a loopback endpoint's store listens on that address
+    only. ``launch.max_restarts`` lets torchrun restart the worker group after a failure.
     """
     common = [
         "--nnodes",
@@ -74,7 +74,7 @@ def build_torchrun_command(launch: LaunchConfig, module: str, args: list[str]) -
         "--nproc-per-node",
         str(launch.nproc_per_node),
         "--max-restarts",
-        "0",
+        str(launch.max_restarts),
     ]
     bind = ""
     if not launch.rdzv_endpoint:
@@ -88,19 +88,41 @@ def build_torchrun_command(launch: LaunchConfig, module: str, args: list[str]) -
         else:
             common.append("--standalone")
     else:
-        host, port = _split_endpoint(launch.rdzv_endpoint)
+        host, _ = _split_endpoint(launch.rdzv_endpoint)
         bind = host.strip("[]") if host.strip("[]") in LOOPBACK_HOSTS else ""
-        if launch.node_rank >= 0:
-            common += ["--node-rank", str(launch.node_rank), "--master-addr", host, "--master-port", port]
-        else:
-            common += ["--rdzv-backend", "c10d", "--rdzv-endpoint", launch.rdzv_endpoint]
-            common += ["--rdzv-id", launch.rdzv_id]
+        common += rendezvous_args(launch)
         if bind:
             common += ["--local-addr", bind]
     runner = [sys.executable, "-m", "torch.distributed.run"]
     if bind:
         runner = [sys.executable, "-m", "opensora_core.distributed.bound_store", "--bind", bind, *runner[2:]]
     return [*runner, *common, "-m", module, *args]
+
+
+def rendezvous_args(launch: LaunchConfig) -> list[str]:
+    """torchrun's rendezvous options for a launch with an endpoint.
+
+    ``c10d`` (elastic): every node joins ``rdzv_endpoint`` under ``rdzv_id`` within
+    ``rdzv_timeout_s``; node 0 hosts the store (``is_host``), so two nodes on one machine (or an
+    endpoint that is not this host's name) need no guessing. ``static``: fixed node ranks with
+    rank 0's address as master.
+    """
+    host, port = _split_endpoint(launch.rdzv_endpoint)
+    if launch.rdzv_backend == "static":
+        return ["--node-rank", str(launch.node_rank), "--master-addr", host, "--master-port", port]
+    conf = f"join_timeout={launch.rdzv_timeout_s}"
+    if launch.node_rank >= 0:
+        conf += f",is_host={int(launch.node_rank == 0)}"
+    return [
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        launch.rdzv_endpoint,
+        "--rdzv-id",
+        launch.rdzv_id,
+        "--rdzv-conf",
+        conf,
+    ]
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, str]:
@@ -142,6 +164,8 @@ class JobStatus:
     """``time.time()`` when the worker finished; orders failures across ranks."""
     host: str = ""
     pid: int = 0
+    restart: int = 0
+    """torchrun's restart round (``TORCHELASTIC_RESTART_COUNT``) the worker ran in."""
 
 
 def write_job_status(
@@ -152,7 +176,10 @@ def write_job_status(
     if not status_dir:
         return None
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    status = JobStatus(rank, exit_code, message[:4000], error, time.time(), socket.gethostname(), os.getpid())
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    status = JobStatus(
+        rank, exit_code, message[:4000], error, time.time(), socket.gethostname(), os.getpid(), restart
+    )
     path = Path(status_dir) / f"rank-{rank:05d}.json"
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(asdict(status)))
@@ -193,7 +220,11 @@ def resolve_exit_code(
     """
     if torchrun_rc == 0:
         return EXIT_OK, "ok"
-    failed = sorted((s for s in statuses if s.exit_code != 0), key=lambda s: (s.time, s.rank))
+    # After elastic restarts only the last round tells why the job ended.
+    last_round = max((s.restart for s in statuses), default=0)
+    failed = sorted(
+        (s for s in statuses if s.exit_code != 0 and s.restart == last_round), key=lambda s: (s.time, s.rank)
+    )
     if failed:
         first = failed[0]
         what = f"{first.error}: {first.message}" if first.error else first.message
@@ -211,6 +242,25 @@ def resolve_exit_code(
     return (
         EXIT_RETRYABLE,
         f"torchrun exited with code {torchrun_rc} and no worker reported a status (retryable)",
+    )
+
+
+_RDZV_ERROR_RE = re.compile(r"\b(Rendezvous(?:Timeout|Connection|Closed)Error)\b")
+
+
+def rendezvous_failure(launch: LaunchConfig, torchrun_stderr: str) -> str | None:
+    """A readable reason when torchrun's agent failed in the rendezvous itself (no worker ran)."""
+    match = _RDZV_ERROR_RE.search(torchrun_stderr)
+    if match is None or not launch.rdzv_endpoint:
+        return None
+    what = {
+        "RendezvousTimeoutError": f"not all {launch.nnodes} nodes joined within {launch.rdzv_timeout_s}s",
+        "RendezvousConnectionError": "could not reach the rendezvous store",
+        "RendezvousClosedError": "the rendezvous was closed by another node",
+    }[match.group(1)]
+    return (
+        f"rendezvous {launch.rdzv_id!r} at {launch.rdzv_endpoint} failed: {what} "
+        f"({match.group(1)}; retryable)"
     )
 
 
@@ -277,7 +327,10 @@ def run_job(
         if rc is None:
             code, reason = EXIT_RETRYABLE, f"timed out after {timeout_s:g}s; killed the whole job (retryable)"
         else:
-            code, reason = resolve_exit_code(rc, read_job_statuses(status_dir), "".join(stderr_tail))
+            stderr_text = "".join(stderr_tail)
+            code, reason = resolve_exit_code(rc, read_job_statuses(status_dir), stderr_text)
+            rdzv = rendezvous_failure(launch, stderr_text) if code == EXIT_RETRYABLE else None
+            reason = rdzv or reason
     if code != EXIT_OK:
         print(f"launch: {module} failed: {reason}", file=sys.stderr, flush=True)
     return code

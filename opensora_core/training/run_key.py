@@ -57,6 +57,8 @@ RESUME_EXCLUDE: tuple[str, ...] = (
     "launch.omp_num_threads",
     "launch.rdzv_*",
     "launch.node_rank",
+    "launch.max_restarts",
+    "launch.store_bind",
     "*.steps",
     "*.progress",
     "*.num_workers",

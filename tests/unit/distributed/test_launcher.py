@@ -17,6 +17,7 @@ from opensora_core.distributed.launcher import (
     build_job_env,
     build_torchrun_command,
     parse_root_cause,
+    rendezvous_failure,
     resolve_exit_code,
     run_job,
 )
@@ -79,15 +80,54 @@ def test_command_multi_node_rendezvous_and_static():
         "127.0.0.1",
         "torch.distributed.run",
     ]
+    assert c10d[c10d.index("--rdzv-conf") + 1] == "join_timeout=600"  # torchrun guesses the host
 
     static = build_torchrun_command(
-        LaunchConfig(nnodes=2, rdzv_endpoint="10.0.0.1:29500", node_rank=1), "m", []
+        LaunchConfig(nnodes=2, rdzv_endpoint="10.0.0.1:29500", node_rank=1, rdzv_backend="static"), "m", []
     )
     assert static[static.index("--node-rank") + 1] == "1"
     assert static[static.index("--master-addr") + 1] == "10.0.0.1"
     assert static[static.index("--master-port") + 1] == "29500"
     with pytest.raises(ConfigError, match="host:port"):
         build_torchrun_command(LaunchConfig(rdzv_endpoint="nohostport", node_rank=0), "m", [])
+
+
+def test_command_c10d_node_rank_picks_the_store_host_and_restarts():
+    def conf(rank: int) -> str:
+        launch = LaunchConfig(
+            nnodes=2, rdzv_endpoint="127.0.0.1:29400", node_rank=rank, rdzv_timeout_s=30, max_restarts=2
+        )
+        cmd = build_torchrun_command(launch, "m", [])
+        assert cmd[cmd.index("--max-restarts") + 1] == "2"
+        return cmd[cmd.index("--rdzv-conf") + 1]
+
+    assert conf(0) == "join_timeout=30,is_host=1"
+    assert conf(1) == "join_timeout=30,is_host=0"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rdzv_backend": "etcd"}, "rdzv_backend"),
+        ({"rdzv_timeout_s": 0}, "rdzv_timeout_s"),
+        ({"max_restarts": -1}, "max_restarts"),
+        ({"nnodes": 2, "rdzv_endpoint": "h:1", "node_rank": 2}, "node_rank"),
+        ({"nnodes": 2, "rdzv_endpoint": "h:1", "rdzv_backend": "static"}, "node_rank >= 0"),
+        (
+            {
+                "nnodes": 2,
+                "rdzv_endpoint": "h:1",
+                "rdzv_backend": "static",
+                "node_rank": 0,
+                "max_restarts": 1,
+            },
+            "c10d",
+        ),
+    ],
+)
+def test_launch_config_rejects_bad_multi_node_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LaunchConfig(**kwargs)
 
 
 def test_job_env_puts_interpreter_bin_first_and_sets_threads(tmp_path):
@@ -117,6 +157,25 @@ def test_resolve_exit_code_without_status_uses_torchrun_report():
     assert resolve_exit_code(1, [], report.format(code=-9))[0] == 75
     assert resolve_exit_code(1, [], report.format(code=2))[0] == 2  # died before the job wrapper ran
     assert resolve_exit_code(1, [], "RendezvousTimeoutError")[0] == 75
+
+
+def test_resolve_exit_code_reads_the_last_restart_round_only():
+    statuses = [
+        JobStatus(rank=0, exit_code=5, message="loss is nan", time=1.0, restart=0),
+        JobStatus(rank=1, exit_code=75, message="Connection closed by peer", time=9.0, restart=1),
+    ]
+    code, reason = resolve_exit_code(1, statuses)
+    assert code == 75 and "rank 1" in reason
+
+
+def test_rendezvous_failure_names_the_endpoint():
+    launch = LaunchConfig(nnodes=2, rdzv_endpoint="127.0.0.1:29411", rdzv_id="job9", rdzv_timeout_s=8)
+    stderr = "Traceback ...\ntorch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\n"
+    reason = rendezvous_failure(launch, stderr)
+    assert reason is not None
+    assert "'job9' at 127.0.0.1:29411" in reason and "not all 2 nodes joined within 8s" in reason
+    assert rendezvous_failure(launch, "RuntimeError: shape mismatch") is None
+    assert rendezvous_failure(LaunchConfig(), stderr) is None  # standalone: no endpoint to name
 
 
 def test_job_wrapper_maps_exceptions_to_exit_codes():
