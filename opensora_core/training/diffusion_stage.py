@@ -8,7 +8,11 @@ Everything here is built once per stage by :class:`opensora_core.training.diffus
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +21,20 @@ import torch
 
 from opensora_core.config import Config, DiffusionConfig, DiffusionStageConfig
 from opensora_core.data.buckets import Buckets
+from opensora_core.data.shards import file_sha256
 from opensora_core.errors import ConfigError, InputError
-from opensora_core.models.final import FINAL_EMA
+from opensora_core.models.final import FINAL_EMA, resolve_weights_file
 from opensora_core.models.mmdit import MMDIT_SIZES, MMDiT, build_mmdit, load_mmdit_weights
-from opensora_core.models.mmdit.loader import LoadReport
+from opensora_core.models.mmdit.loader import IncompatibleWeights, LoadReport, check_mmdit_weights
 from opensora_core.models.text.encoders import CachedTextEncoder, TextEncoder, build_text_encoder_from_config
 from opensora_core.tracking import NullRun
 from opensora_core.training.checkpoint import RESUME_EXCLUDE, is_complete
 from opensora_core.training.latent_cache import LatentCache
 
 log = logging.getLogger("opensora.diffusion")
+
+REGISTRY_WEIGHTS = "mmdit.safetensors"
+"""The MMDiT weights file of a registered bundle (and of its copy under ``cache_dir/init/``)."""
 
 RUN_EXCLUDE: tuple[str, ...] = (
     *RESUME_EXCLUDE,
@@ -105,11 +113,105 @@ def previous_stage(cfg: DiffusionConfig, stage: str) -> str | None:
 
 
 def init_weights_path(cfg: DiffusionConfig, stage: str, paths: StagePaths) -> Path | None:
-    """What a stage starts from: the previous stage's final EMA weights, else ``diffusion.init_from``."""
+    """What a stage starts from: the previous stage's final EMA weights, else ``diffusion.init_from``
+    (a registry URI: the copy :func:`maybe_fetch_init` put under ``cache_dir``)."""
     prev = previous_stage(cfg, stage)
     if prev is not None:
         return paths.final(prev) / FINAL_EMA
-    return Path(cfg.init_from) if cfg.init_from else None
+    if not cfg.init_from:
+        return None
+    if is_registry_uri(cfg.init_from):
+        return registry_init_dir(cfg) / REGISTRY_WEIGHTS
+    return resolve_weights_file(Path(cfg.init_from))
+
+
+def is_registry_uri(spec: str) -> bool:
+    return spec.startswith("models:/")
+
+
+def registry_init_dir(cfg: DiffusionConfig) -> Path:
+    """Where a registry ``init_from`` is copied: ``<cache_dir>/init/<the URI as a file name>/``."""
+    return Path(cfg.cache_dir) / "init" / re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.init_from[len("models:/") :])
+
+
+def maybe_fetch_init(cfg: Config, stage: str) -> Path | None:
+    """Download the registered model a first stage's ``init_from`` names (``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``) unless the copy already holds that version; returns its folder.
+
+    Does nothing (None) for other stages and other ``init_from`` values. InputError (exit 2) when
+    the URI does not resolve. The folder holds the bundle's MMDiT weights and ``source.json``
+    (model name, version, run id, sha256): what the fine-tune's base reference is read from.
+    """
+    from opensora_core.inference.sources import download_bundle, resolve_model
+    from opensora_core.tracking import get_client, tracking_uri
+
+    dcfg = cfg.diffusion
+    if previous_stage(dcfg, stage) is not None or not is_registry_uri(dcfg.init_from):
+        return None
+    uri = tracking_uri(cfg.tracking)
+    resolve_model(dcfg.init_from, uri)  # InputError when the name, alias or version is unknown
+    name, _, ref = dcfg.init_from[len("models:/") :].partition("@")
+    client = get_client(cfg.tracking)
+    if ref:
+        version = client.get_model_version_by_alias(name, ref)
+    else:
+        name, _, number = name.partition("/")
+        version = client.get_model_version(name, number)
+    dest = registry_init_dir(dcfg)
+    source_file = dest / "source.json"
+    if source_file.is_file() and (dest / REGISTRY_WEIGHTS).is_file():
+        known = json.loads(source_file.read_text())
+        if (known.get("model_name"), known.get("version")) == (name, str(version.version)):
+            return dest
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    bundle = download_bundle(f"models:/{name}/{version.version}", tmp / "download")
+    for file in (REGISTRY_WEIGHTS, "mmdit_config.json"):
+        shutil.copy2(bundle / file, tmp / file)
+    shutil.rmtree(tmp / "download")
+    source = {
+        "uri": dcfg.init_from,
+        "model_name": name,
+        "version": str(version.version),
+        "run_id": version.run_id,
+        "sha256": file_sha256(tmp / REGISTRY_WEIGHTS),
+    }
+    (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    log.info("init_from %s: %s v%s copied to %s", dcfg.init_from, name, version.version, dest)
+    return dest
+
+
+def base_reference(init_path: Path | None, sha256: str) -> dict[str, str]:
+    """What a fine-tune starts from, for adapter.json and the registry tags: the weights' sha256
+    and path, plus the registered name and version when they came from the registry."""
+    if init_path is None:
+        return {}
+    ref = {"sha256": sha256, "path": str(init_path)}
+    source = init_path.parent / "source.json"
+    if source.is_file():
+        known = json.loads(source.read_text())
+        ref |= {k: str(known[k]) for k in ("model_name", "version", "run_id", "uri") if k in known}
+    return ref
+
+
+def check_lora_stage(cfg: DiffusionConfig, stage_cfg: DiffusionStageConfig, init: Path | None) -> None:
+    """LoRA needs a base that fits: ConfigError for no base or an unknown target module, InputError
+    (:class:`IncompatibleWeights`) when the base's tensors do not fit the configured MMDiT size."""
+    from opensora_core.models.lora import lora_target_names
+
+    if init is None:
+        raise ConfigError(
+            "lora.enabled needs a base to adapt: set diffusion.init_from (a file, a final/ folder or "
+            "models:/NAME@ALIAS) for the first stage, or enable LoRA on a later stage"
+        )
+    meta_model = build_mmdit(cfg.model, device="meta")
+    lora_target_names(meta_model, stage_cfg.lora.target_modules)
+    if init.exists():
+        report = check_mmdit_weights(meta_model, init)
+        if report.mismatched or report.missing:
+            raise IncompatibleWeights(report)
 
 
 def validate_stage(cfg: Config, stage: str, paths: StagePaths, load: LoadOptions | None = None) -> None:
@@ -130,10 +232,17 @@ def validate_stage(cfg: Config, stage: str, paths: StagePaths, load: LoadOptions
         needed["--load path"] = Path(load.path)
     elif init is not None:
         prev = previous_stage(cfg.diffusion, stage)
-        needed[f"initial weights (run diffusion_{prev})" if prev else "diffusion.init_from"] = init
+        what = (
+            f"initial weights (run diffusion_{prev})"
+            if prev
+            else f"diffusion.init_from {cfg.diffusion.init_from!r}"
+        )
+        needed[what] = init
     for what, path in needed.items():
         if not path.exists():
             raise InputError(f"{what}: {path} not found")
+    if stage_cfg.lora.enabled:
+        check_lora_stage(cfg.diffusion, stage_cfg, Path(load.path) if load and load.path else init)
 
 
 def build_buckets(stage_cfg: DiffusionStageConfig, spatial_factor: int) -> Buckets:

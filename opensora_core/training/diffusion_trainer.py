@@ -58,6 +58,7 @@ from opensora_core.models.final import FINAL_FILES as FINAL_FILES
 from opensora_core.models.final import FINAL_MODEL as FINAL_MODEL
 from opensora_core.models.final import build_frozen_vae, read_latent_stats, resolve_weights_file
 from opensora_core.models.final import load_diffusion_final as load_diffusion_final
+from opensora_core.models.lora import apply_lora, count_parameters
 from opensora_core.models.mmdit import MMDIT_SIZES
 from opensora_core.models.mmdit.loader import LoadReport
 from opensora_core.models.text.encoders import TextEmbeddings, drop_conditions
@@ -69,6 +70,7 @@ from opensora_core.training.checkpoint import (
     resume_config_hash,
 )
 from opensora_core.training.diffusion_outputs import (
+    AdapterExport,
     new_samples_path,
     render_samples,
     sample_prompts,
@@ -81,6 +83,7 @@ from opensora_core.training.diffusion_stage import (
     RUN_EXCLUDE,
     LoadOptions,
     StagePaths,
+    base_reference,
     build_buckets,
     build_model,
     build_optimizer,
@@ -185,7 +188,11 @@ class DiffusionTrainer(CheckpointedTrainer):
         log.info("%s", reason)
         self.run.set_tags({"resume": reason[:250]})
 
-        # 4. model (the same initial weights on every rank), EMA, optimizer, booster
+        # 4. model (the same initial weights on every rank; LoRA: the frozen base plus an adapter),
+        #    EMA, optimizer, booster
+        self.lora_cfg = self.scfg.lora
+        self.trainable_only = self.lora_cfg.enabled
+        self.base_sha256 = self.resolved["run"]["init_sha256"] if self.trainable_only else ""
         self._build_model()
 
         # 5. training state: fresh, resumed, or from --load
@@ -228,12 +235,31 @@ class DiffusionTrainer(CheckpointedTrainer):
         torch.manual_seed(self.dcfg.seed)
         model = build_model(self.dcfg, self.text_encoder, self.vae.latent_channels, self.device)
         self.load_report: LoadReport | None = None
-        if self.resume_path is None and self.init_path is not None and not is_complete(self.init_path):
-            # The previous stage's weights fit exactly; released or --load weights may not.
-            strict = not self.load.path and previous_stage(self.dcfg, self.stage) is not None
+        # A LoRA checkpoint holds the adapter only, so its base is loaded on resume too.
+        fresh = self.resume_path is None or self.trainable_only
+        if fresh and self.init_path is not None and not is_complete(self.init_path):
+            # The previous stage's weights fit exactly, and so must a LoRA base; released or
+            # --load weights may not.
+            strict = self.trainable_only or (
+                not self.load.path and previous_stage(self.dcfg, self.stage) is not None
+            )
             self.load_report = load_initial_weights(model, self.init_path, strict, self.run)
+        self.lora_targets: list[str] = []
+        if self.trainable_only:
+            torch.manual_seed(self.dcfg.seed + 1)  # the adapters' A matrices, the same on every rank
+            self.lora_targets = apply_lora(model, self.lora_cfg)
+            trainable, total = count_parameters(model)
+            log.info(
+                "LoRA rank %d on %d modules: %d of %d parameters train (%.2f%%)",
+                self.lora_cfg.rank,
+                len(self.lora_targets),
+                trainable,
+                total,
+                100 * trainable / total,
+            )
+            self.run.log_metrics({"lora_trainable_fraction": trainable / total})
         set_seed(self.dcfg.seed, self.info.rank)
-        self.ema = EMA(model, self.dcfg.ema_decay)
+        self.ema = EMA(model, self.dcfg.ema_decay, trainable_only=self.trainable_only)
         self.booster = build_booster(self.dcfg.plugin, self.dcfg.precision, self.dcfg.grad_clip)
         optimizer = build_optimizer(model, self.dcfg, self.scfg)
         self.model, self.optimizer, *_ = self.booster.boost(model, optimizer)
@@ -248,6 +274,7 @@ class DiffusionTrainer(CheckpointedTrainer):
             "stage": self.stage,
             "init": str(self.init_path or ""),
             "init_sha256": init_sha,
+            "base": base_reference(self.init_path, init_sha),
             "vae_sha256": str(stats["vae_sha256"]),
             "shards_hash": self.reader.content_hash,
             "text_encoder": self.text_encoder.name,
@@ -407,8 +434,17 @@ class DiffusionTrainer(CheckpointedTrainer):
             if sampled_at != self.step:
                 samples_png = self.log_samples()
             final = self.paths.final(self.stage)
+            adapter = None
+            if self.trainable_only:
+                adapter = AdapterExport(self.lora_cfg, self.lora_targets, self.resolved["run"]["base"])
             save_final(
-                final, unwrap_model(self.model), self.ema, self.resolved, self.text_encoder, samples_png
+                final,
+                unwrap_model(self.model),
+                self.ema,
+                self.resolved,
+                self.text_encoder,
+                samples_png,
+                adapter,
             )
             write_loss_csv(self.paths.loss_csv(self.stage), self.history)
             self.paths.summary(self.stage).write_text(json.dumps(summary, indent=2) + "\n")
@@ -467,6 +503,7 @@ class DiffusionTrainer(CheckpointedTrainer):
             self.dcfg,
             self.device,
             new_samples_path(self.step),
+            template=unwrap_model(self.model) if self.trainable_only else None,
         )
         self.run.log_artifact(out, "samples")
         return out

@@ -115,7 +115,12 @@ class Modulation(nn.Module):
 
 
 def _fused_linear(x: Tensor, layers: list[nn.Linear]) -> Tensor:
-    """Apply several Linear layers that read the same x as one matmul; outputs concatenated on the last dim."""
+    """Apply several Linear layers that read the same x as one matmul; outputs concatenated on the last dim.
+
+    Layers wrapped by an adapter (LoRA: not a plain ``nn.Linear``) run their own forward instead,
+    so the adapter's term is not skipped."""
+    if any(type(layer) is not nn.Linear for layer in layers):
+        return torch.cat([layer(x) for layer in layers], dim=-1)
     weight = torch.cat([layer.weight for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     return F.linear(x, weight, bias)
