@@ -22,6 +22,7 @@ from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config
 from opensora_core.distributed.launcher import run_job
 from opensora_core.errors import JobFailed
+from opensora_core.training.diffusion_stage import maybe_fetch_init
 from opensora_core.training.diffusion_trainer import LoadOptions, StagePaths, summary_line, validate_stage
 
 JOB = "opensora_core.jobs.train_diffusion"
@@ -61,6 +62,8 @@ def run_diffusion_stage(
 ) -> str:
     """Validate, launch the job and return the one-line summary; raises with the job's exit code."""
     load = load or LoadOptions()
+    if not load.path:
+        maybe_fetch_init(cfg, stage)  # a registry init_from, copied before the job starts
     validate_stage(cfg, stage, paths, load)
     code = run_job(JOB, job_arguments(stage, paths, load, params, overrides or [], quiet), cfg.launch)
     if code != 0:
