@@ -101,3 +101,32 @@ def write_adapter_bundle(bundle: Path, adapter: str | Path) -> dict[str, Any]:
     shutil.copytree(source, bundle / ADAPTER_DIR, dirs_exist_ok=True)
     (bundle / MMDIT_WEIGHTS).unlink(missing_ok=True)
     return dict(meta.get("base", {}))
+
+
+def fetch_init_weights(uri: str, cache_root: str | Path, tracking_uri: str | None = None) -> Path:
+    """The MMDiT weights of the registered model ``uri`` as one safetensors file under the cache
+    (an adapter bundle's merged with its base), refreshed when the URI names another version;
+    returns the file. ``source.json`` beside it holds the model name, version, run id and the
+    file's sha256: what a fine-tune records as its base. InputError (exit 2) when it does not resolve.
+    """
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from opensora_core.data.shards import file_sha256
+    from opensora_core.inference.sources import fetch_registered_bundle
+
+    bundle, source = fetch_registered_bundle(uri, cache_root, tracking_uri)
+    weights = bundle.parent / MMDIT_WEIGHTS
+    known = json.loads((bundle.parent / "source.json").read_text())
+    if weights.is_file() and known.get("sha256"):
+        return weights
+    mmdit = load_bundle_mmdit(bundle, tracking_uri)
+    tmp = weights.with_name(f".tmp-{weights.name}")
+    save_file({k: v.float().contiguous() for k, v in mmdit.state_dict().items()}, str(tmp))
+    os.replace(tmp, weights)
+    source["sha256"] = file_sha256(weights)
+    (bundle.parent / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    log.info("%s: %s v%s -> %s", uri, source["model_name"], source["version"], weights)
+    return weights

@@ -10,9 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +18,8 @@ import torch
 
 from opensora_core.config import Config, DiffusionConfig, DiffusionStageConfig
 from opensora_core.data.buckets import Buckets
-from opensora_core.data.shards import file_sha256
 from opensora_core.errors import ConfigError, InputError
-from opensora_core.models.final import FINAL_EMA, resolve_weights_file
+from opensora_core.models.final import FINAL_EMA, REGISTRY_WEIGHTS, registry_cache_dir, resolve_weights_file
 from opensora_core.models.mmdit import MMDIT_SIZES, MMDiT, build_mmdit, load_mmdit_weights
 from opensora_core.models.mmdit.loader import IncompatibleWeights, LoadReport, check_mmdit_weights
 from opensora_core.models.text.encoders import CachedTextEncoder, TextEncoder, build_text_encoder_from_config
@@ -33,8 +29,6 @@ from opensora_core.training.latent_cache import LatentCache
 
 log = logging.getLogger("opensora.diffusion")
 
-REGISTRY_WEIGHTS = "mmdit.safetensors"
-"""The MMDiT weights file of a registered bundle (and of its copy under ``cache_dir/init/``)."""
 
 RUN_EXCLUDE: tuple[str, ...] = (
     *RESUME_EXCLUDE,
@@ -114,7 +108,7 @@ def previous_stage(cfg: DiffusionConfig, stage: str) -> str | None:
 
 def init_weights_path(cfg: DiffusionConfig, stage: str, paths: StagePaths) -> Path | None:
     """What a stage starts from: the previous stage's final EMA weights, else ``diffusion.init_from``
-    (a registry URI: the copy :func:`maybe_fetch_init` put under ``cache_dir``)."""
+    (a registry URI: the copy the stage CLI downloaded under ``cache_dir`` first)."""
     prev = previous_stage(cfg, stage)
     if prev is not None:
         return paths.final(prev) / FINAL_EMA
@@ -130,57 +124,9 @@ def is_registry_uri(spec: str) -> bool:
 
 
 def registry_init_dir(cfg: DiffusionConfig) -> Path:
-    """Where a registry ``init_from`` is copied: ``<cache_dir>/init/<the URI as a file name>/``."""
-    return Path(cfg.cache_dir) / "init" / re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.init_from[len("models:/") :])
-
-
-def maybe_fetch_init(cfg: Config, stage: str) -> Path | None:
-    """Download the registered model a first stage's ``init_from`` names (``models:/NAME@ALIAS`` or
-    ``models:/NAME/VERSION``) unless the copy already holds that version; returns its folder.
-
-    Does nothing (None) for other stages and other ``init_from`` values. InputError (exit 2) when
-    the URI does not resolve. The folder holds the bundle's MMDiT weights and ``source.json``
-    (model name, version, run id, sha256): what the fine-tune's base reference is read from.
-    """
-    from opensora_core.inference.sources import download_bundle, resolve_model
-    from opensora_core.tracking import get_client, tracking_uri
-
-    dcfg = cfg.diffusion
-    if previous_stage(dcfg, stage) is not None or not is_registry_uri(dcfg.init_from):
-        return None
-    uri = tracking_uri(cfg.tracking)
-    resolve_model(dcfg.init_from, uri)  # InputError when the name, alias or version is unknown
-    name, _, ref = dcfg.init_from[len("models:/") :].partition("@")
-    client = get_client(cfg.tracking)
-    if ref:
-        version = client.get_model_version_by_alias(name, ref)
-    else:
-        name, _, number = name.partition("/")
-        version = client.get_model_version(name, number)
-    dest = registry_init_dir(dcfg)
-    source_file = dest / "source.json"
-    if source_file.is_file() and (dest / REGISTRY_WEIGHTS).is_file():
-        known = json.loads(source_file.read_text())
-        if (known.get("model_name"), known.get("version")) == (name, str(version.version)):
-            return dest
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    bundle = download_bundle(f"models:/{name}/{version.version}", tmp / "download")
-    for file in (REGISTRY_WEIGHTS, "mmdit_config.json"):
-        shutil.copy2(bundle / file, tmp / file)
-    shutil.rmtree(tmp / "download")
-    source = {
-        "uri": dcfg.init_from,
-        "model_name": name,
-        "version": str(version.version),
-        "run_id": version.run_id,
-        "sha256": file_sha256(tmp / REGISTRY_WEIGHTS),
-    }
-    (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    log.info("init_from %s: %s v%s copied to %s", dcfg.init_from, name, version.version, dest)
-    return dest
+    """Where a registry ``init_from`` is kept (``fetch_init_weights`` of opensora_core.inference
+    fills it before the job starts): its bundle, ``mmdit.safetensors`` and ``source.json``."""
+    return registry_cache_dir(cfg.cache_dir, cfg.init_from)
 
 
 def base_reference(init_path: Path | None, sha256: str) -> dict[str, str]:

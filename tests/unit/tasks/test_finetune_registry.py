@@ -18,9 +18,10 @@ from opensora_core.distributed.dist import DistInfo, destroy_distributed, init_d
 from opensora_core.errors import InputError
 from opensora_core.models.lora import adapter_state_dict, apply_lora, save_adapter
 from opensora_core.models.mmdit import build_mmdit
-from opensora_core.training.diffusion_stage import maybe_fetch_init, validate_stage
+from opensora_core.training.diffusion_stage import validate_stage
 from opensora_core.training.diffusion_trainer import DiffusionTrainer
 from tasks import sample
+from tasks.diffusion_train import maybe_fetch_init
 from tasks.register import register
 from tests.unit.tasks._tiny_t2v import write_tiny_models
 from tests.unit.training._diffusion_data import make_diffusion_inputs, tiny_config
@@ -70,7 +71,7 @@ def test_lora_fine_tune_of_the_champion_registers_and_loads(
     cfg = tiny_config(tmp_path / "cache", steps=4, ckpt_every=4, init_from="models:/opensora-t2v@champion")
     cfg.diffusion.stages["stage1"].lora = LoraConfig(enabled=True, rank=2)
     cfg.diffusion.stages["stage1"].lr = 1e-2
-    copy = maybe_fetch_init(cfg, "stage1")
+    copy = maybe_fetch_init(cfg, "stage1").parent
     weights = load_file(str(copy / "mmdit.safetensors"))
     assert mmdit_close(weights, load_file(str(base["diffusion"] / "ema.safetensors")))
     assert json.loads((copy / "source.json").read_text())["version"] == "1"

@@ -109,7 +109,9 @@ def test_lora_trains_a_small_adapter_loss_falls_and_final_merges(
     (full_ckpt,) = list_checkpoints(full_paths.ckpt("stage1"))
     ratio = folder_bytes(ckpt) / folder_bytes(full_ckpt)
     assert ratio <= 0.10, f"LoRA checkpoint is {ratio:.1%} of a full one"
-    print(f"LoRA: {trainable} parameters train; loss {first:.3f} -> {last:.3f}; checkpoint {ratio:.1%} of full")
+    print(
+        f"LoRA: {trainable} parameters train; loss {first:.3f} -> {last:.3f}; checkpoint {ratio:.1%} of full"
+    )
 
     # final/: merged EMA weights equal the base with the exported (EMA) adapter applied
     final = paths.final("stage1")
