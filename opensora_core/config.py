@@ -168,6 +168,12 @@ class VaeTrainConfig:
     """Named size: ``tiny`` (CPU default, <1M params, 4x8x8, 8 channels), ``wan2.1``, ``hunyuan``."""
     pretrained_path: str = ""
     """A local diffusers folder to fine-tune from (empty: random initialisation)."""
+    init_from: str = ""
+    """Start from an existing VAE of this project: a ``models/vae/final/`` folder, an inference
+    bundle folder, or a registry URI (``models:/opensora-t2v@champion``: its bundle's VAE, fetched
+    under ``diffusion.cache_dir`` by the stage CLI); loaded strictly, so the architecture keys
+    (family, size, shortcut) must match. With ``steps: 0`` the stage reuses it as it is (and still
+    measures it on the current data); empty = random or ``pretrained_path``."""
     shortcut: bool = False
     """Parameter-free latent shortcut (models/vae/shortcut.py): the first latent channels carry the
     RGB means of each latent cell's temporal windows and the decoder adds their upsampling, so
@@ -272,6 +278,10 @@ class VaeStatsConfig:
     """Shapes the clips are encoded at: {resolution: {num_frames: [probability, batch_size]}}."""
     seed: int = 0
     """Seed of the clip order."""
+    reuse_from: str = ""
+    """Copy existing statistics instead of measuring: a ``latent_stats.json`` or a registry URI
+    (its bundle's statistics). The registered bundle's VAE must equal this VAE tensor for tensor
+    (fine-tuning keeps the base's latent space); empty = measure on the current data."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
