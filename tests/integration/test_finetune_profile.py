@@ -48,7 +48,7 @@ def finetune(project: Project, pipeline_run: dict, tmp_path_factory: pytest.Temp
     folder = ft.root / "data" / "finetune"
     folder.mkdir(parents=True)
     for i, row in enumerate(clips.itertuples()):
-        shutil.copy2(project.root / "data" / "raw" / row.path, folder / f"clip{i:03d}.mp4")
+        shutil.copy2(project.root / row.path, folder / f"clip{i:03d}.mp4")
         (folder / f"clip{i:03d}.txt").write_text(row.text)
     micro_profile(ft.root)
     ft.python("-m", "flows.pipeline", "--root", str(ft.root), timeout=1500)
