@@ -207,7 +207,7 @@ def check_lora_stage(cfg: DiffusionConfig, stage_cfg: DiffusionStageConfig, init
         )
     meta_model = build_mmdit(cfg.model, device="meta")
     lora_target_names(meta_model, stage_cfg.lora.target_modules)
-    if init.exists():
+    if init.exists() and not is_complete(init):  # a checkpoint folder is checked when it loads
         report = check_mmdit_weights(meta_model, init)
         if report.mismatched or report.missing:
             raise IncompatibleWeights(report)
