@@ -334,6 +334,9 @@ class VaeTrainer(CheckpointedTrainer):
         """models/vae/final/: raw weights, EMA weights, their VAE configs and the resolved config."""
         final = self.paths.final
         final.mkdir(parents=True, exist_ok=True)
+        # The stage's declared outputs exist even when a reused VAE trains 0 steps (no checkpoint).
+        for folder in (self.paths.ckpt, self.paths.reports):
+            folder.mkdir(parents=True, exist_ok=True)
         self.vae.save(final, "model")
         ema_model = build_model(self.tcfg)
         ema_model.load_state_dict(self.vae.state_dict())
