@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 TORCH_VERSION := 2.13.0
 COLOSSALAI_VERSION := 0.5.0
 # What colossalai imports; it is installed with --no-deps because its pins pull torch<=2.5.1.
-COLOSSALAI_RUNTIME := peft galore-torch bitsandbytes kernels
+COLOSSALAI_RUNTIME := galore-torch bitsandbytes kernels
 
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE := 1

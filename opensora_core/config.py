@@ -231,6 +231,12 @@ class VaeTrainConfig:
     """Named size: ``tiny`` (CPU default, <1M params, 4x8x8, 8 channels), ``wan2.1``, ``hunyuan``."""
     pretrained_path: str = ""
     """A local diffusers folder to fine-tune from (empty: random initialisation)."""
+    init_from: str = ""
+    """Start from an existing VAE of this project: a ``models/vae/final/`` folder, an inference
+    bundle folder, or a registry URI (``models:/opensora-t2v@champion``: its bundle's VAE, fetched
+    under ``diffusion.cache_dir`` by the stage CLI); loaded strictly, so the architecture keys
+    (family, size, shortcut) must match. With ``steps: 0`` the stage reuses it as it is (and still
+    measures it on the current data); empty = random or ``pretrained_path``."""
     shortcut: bool = False
     """Parameter-free latent shortcut (models/vae/shortcut.py): the first latent channels carry the
     RGB means of each latent cell's temporal windows and the decoder adds their upsampling, so
@@ -335,6 +341,10 @@ class VaeStatsConfig:
     """Shapes the clips are encoded at: {resolution: {num_frames: [probability, batch_size]}}."""
     seed: int = 0
     """Seed of the clip order."""
+    reuse_from: str = ""
+    """Copy existing statistics instead of measuring: a ``latent_stats.json`` or a registry URI
+    (its bundle's statistics). The registered bundle's VAE must equal this VAE tensor for tensor
+    (fine-tuning keeps the base's latent space); empty = measure on the current data."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -483,6 +493,53 @@ class ConditionConfig:
             raise ConfigError(f"v2v_frames must be >= 0, got {self.v2v_frames}")
 
 
+LORA_DEFAULT_TARGETS: tuple[str, ...] = (
+    "double_blocks.*_attn.q_proj",
+    "double_blocks.*_attn.k_proj",
+    "double_blocks.*_attn.v_proj",
+    "double_blocks.*_attn.proj",
+    "double_blocks.*_mlp.0",
+    "double_blocks.*_mlp.2",
+    "single_blocks.*.q_proj",
+    "single_blocks.*.k_proj",
+    "single_blocks.*.v_mlp",
+    "single_blocks.*.linear2",
+)
+"""The MMDiT's attention q/k/v/output projections and MLP linears of the double blocks (image and
+text streams) and the single blocks (``v_mlp`` holds v and the MLP input, ``linear2`` both outputs)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train a LoRA adapter (peft) on the stage's starting weights instead of every parameter; the
+    base stays frozen and checkpoints hold only the adapter (opensora_core/training/lora.py)."""
+    rank: int = 4
+    """Rank r of each adapter's A (r, in) and B (out, r) matrices (>= 1); 4 trains 2.8% of the tiny
+    MMDiT's parameters with the default targets, 8 trains 5.5%."""
+    alpha: float = 4.0
+    """Scale numerator: the adapter adds (alpha / rank) * B A x."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input, in [0, 1)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+    """fnmatch patterns of the MMDiT's Linear module names the adapter wraps (``*`` matches
+    dots too); each pattern must match at least one Linear."""
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
+        if not isinstance(self.alpha, int | float) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError(
+                f"lora.target_modules must be a non-empty list of names, got {self.target_modules!r}"
+            )
+
+
 @dataclass
 class DiffusionStageConfig:
     steps: int = 200
@@ -508,6 +565,8 @@ class DiffusionStageConfig:
     """Let clips fill one-frame buckets too (one frame taken); otherwise only images go there."""
     conditions: ConditionConfig = field(default_factory=ConditionConfig)
     """Visual conditions (t2v, i2v_*, v2v_*) drawn per sample, and their weights."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA fine-tuning of this stage (off by default: every parameter trains)."""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.warmup_steps < 0:
@@ -546,8 +605,10 @@ class DiffusionConfig:
     checkpoint_blocks: int = 0
     """Activation checkpointing of the first N transformer blocks (-1 = every block)."""
     init_from: str = ""
-    """Local weights (a safetensors file or folder, e.g. a released checkpoint) the first stage
-    starts from, loaded by key with a report; empty = from scratch."""
+    """What the first stage starts from, loaded by key with a report: a safetensors file or folder
+    (e.g. Open-Sora 2.0's released checkpoint), a diffusion stage's ``final/`` folder (its EMA
+    weights), or a registry URI (``models:/opensora-t2v@champion``, ``models:/NAME/VERSION``),
+    downloaded under ``cache_dir``; empty = from scratch. Its sha256 is recorded with the run."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     """The frozen prompt encoder and the condition dropout rates."""
     flow: RectifiedFlowConfig = field(default_factory=RectifiedFlowConfig)

@@ -22,6 +22,7 @@ from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config
 from opensora_core.distributed.launcher import run_job
 from opensora_core.errors import JobFailed
+from opensora_core.training.diffusion_stage import is_registry_uri, previous_stage
 from opensora_core.training.diffusion_trainer import LoadOptions, StagePaths, summary_line, validate_stage
 
 JOB = "opensora_core.jobs.train_diffusion"
@@ -49,6 +50,19 @@ def job_arguments(
     return args + ["--quiet"] * quiet
 
 
+def maybe_fetch_init(cfg: Config, stage: str) -> Path | None:
+    """Download the registered model a first stage's ``diffusion.init_from`` names
+    (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) before the job starts, unless the cached
+    copy holds that version already; returns the weights file, or None (nothing to fetch)."""
+    dcfg = cfg.diffusion
+    if previous_stage(dcfg, stage) is not None or not is_registry_uri(dcfg.init_from):
+        return None
+    from opensora_core.inference.adapters import fetch_init_weights
+    from opensora_core.tracking import tracking_uri
+
+    return fetch_init_weights(dcfg.init_from, dcfg.cache_dir, tracking_uri(cfg.tracking))
+
+
 def run_diffusion_stage(
     cfg: Config,
     stage: str,
@@ -61,6 +75,8 @@ def run_diffusion_stage(
 ) -> str:
     """Validate, launch the job and return the one-line summary; raises with the job's exit code."""
     load = load or LoadOptions()
+    if not load.path:
+        maybe_fetch_init(cfg, stage)  # a registry init_from, copied before the job starts
     validate_stage(cfg, stage, paths, load)
     code = run_job(JOB, job_arguments(stage, paths, load, params, overrides or [], quiet), cfg.launch)
     if code != 0:

@@ -8,6 +8,12 @@
    (:mod:`opensora_core.registry`);
 4. writes ``models/registry.json``: model name, version, aliases, run id, gate result.
 
+A LoRA fine-tune (``final/adapter/`` present) is registered as the adapter plus a reference to
+its base: tags ``lora``, ``lora.rank``, ``base.sha256`` and, for a registered base,
+``base.model_name`` / ``base.version``, whose bundle then holds the adapter instead of the MMDiT
+weights (loading it fetches the base; :mod:`opensora_core.inference.adapters`). A base that is
+only a file keeps the merged weights in the bundle.
+
 With ``register.fail_on_gate`` a failed gate ends the stage with exit code 3, after the version
 is registered and ``models/registry.json`` written.
 """
@@ -33,6 +39,15 @@ def data_manifest_hash(manifest_path: Path) -> str:
     if not manifest_path.is_file():
         return ""
     return str(json.loads(manifest_path.read_text()).get("content_hash", ""))
+
+
+def base_tags(adapter_meta: dict[str, Any]) -> dict[str, str]:
+    """The registry tags of a LoRA fine-tune: what it adapts (``base.model_name``, ``base.version``
+    when the base is registered, ``base.sha256`` of its weights) and its rank."""
+    base = adapter_meta.get("base", {})
+    tags = {"lora": "true", "lora.rank": str(adapter_meta.get("rank", ""))}
+    tags |= {f"base.{k}": str(base[k]) for k in ("model_name", "version", "sha256", "uri") if base.get(k)}
+    return tags
 
 
 def register(
@@ -68,6 +83,9 @@ def register(
     if cfg_tracking is None:
         raise InputError("the register stage needs MLflow: set tracking.enabled=true")
 
+    adapter = model_dir / "adapter" if (model_dir / "adapter" / "adapter.json").is_file() else None
+    if adapter is not None:
+        tags |= base_tags(json.loads((adapter / "adapter.json").read_text()))
     pipeline = T2VPipeline.from_training(model_dir, vae_dir, latent_stats, device="cpu", fps=cfg.evaluate.fps)
     params = {"register": vars(rcfg), "model": str(model_dir)}
     # log_model and register_model use MLflow's global URIs: point them at the configured store.
@@ -76,7 +94,9 @@ def register(
     with start_stage_run("register", cfg.tracking, params=params, tags=tags, root=root) as run:
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         with tempfile.TemporaryDirectory(prefix="opensora-bundle-") as tmp:
-            bundle = pipeline.save_bundle(Path(tmp) / "bundle")
+            bundle = pipeline.save_bundle(
+                Path(tmp) / "bundle", adapter=adapter if tags.get("base.model_name") else None
+            )
             with mlflow.start_run(run_id=run.run_id):
                 info = log_pyfunc_model(bundle, metadata_={k: tags[k] for k in ("git_commit", "params_hash")})
         client = MlflowClient(tracking_uri(cfg.tracking))

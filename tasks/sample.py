@@ -9,6 +9,11 @@ Each output is ``NNNN_<prompt slug>.mp4`` (``.png`` for one frame) in ``--save-d
 ``.txt`` beside it holding the prompt, the seed and the settings. A missing or unreadable
 ``--ref`` or a model that does not resolve stops the command before any model loads (exit 2).
 
+``--lora PATH --lora-scale S`` merges a LoRA adapter (an ``adapter/`` folder a LoRA stage wrote)
+into any base ``--model`` before sampling; an adapter for a base of other shapes is exit 2.
+``--merge OUT`` writes the model as it samples (adapter merged) as a bundle folder, usable as
+``--model OUT``; without prompts it only writes.
+
 Several GPUs: ``--nproc N`` relaunches this command under torchrun; rank r makes the outputs
 with ``i % N == r``.
 """
@@ -69,7 +74,12 @@ def sample_videos(args: argparse.Namespace, cfg: Config) -> str:
     from opensora_core.tracking import tracking_uri
 
     # 1. everything that can fail without a model
-    prompts = read_prompts(args)
+    merge_only = bool(args.merge) and not (args.prompt or args.prompts_csv)
+    prompts = [] if merge_only else read_prompts(args)
+    if args.lora:
+        from opensora_core.inference.adapters import find_adapter_dir
+
+        find_adapter_dir(args.lora)  # InputError (exit 2) before any model loads
     if args.cond_type != "t2v" and args.t2i2v:
         raise ConfigError("--t2i2v makes its own reference: use it with --cond-type t2v")
     if args.cond_type != "t2v" and not args.ref:
@@ -102,6 +112,12 @@ def sample_videos(args: argparse.Namespace, cfg: Config) -> str:
         dtype=args.dtype,
         offload=args.offload,
     )
+    if args.lora:
+        pipeline.apply_lora(args.lora, args.lora_scale)
+    if args.merge:
+        pipeline.save_bundle(args.merge)
+        if merge_only:
+            return f"merged weights -> {args.merge} (a bundle: --model {args.merge})"
     video = pipeline.video
     if args.resolution:
         h, w = video_size(args.resolution, args.aspect_ratio or "1:1", pipeline.spatial_factor)
@@ -176,6 +192,9 @@ def build_sample_parser() -> argparse.ArgumentParser:
     add("--t2i2v", action="store_true", help="first a still from the same model, then i2v_head from it")
     add("--offload", action="store_true", help="keep models not in use on the CPU")
     add("--model", default="models:/opensora-t2v@champion", help="models:/NAME@ALIAS, a run id or a folder")
+    add("--lora", default="", help="a LoRA adapter folder (or a final/ with adapter/) merged into --model")
+    add("--lora-scale", type=float, default=1.0, help="strength of --lora (0 = the base alone)")
+    add("--merge", default="", help="write the model (with --lora merged) as a bundle folder here")
     add("--vae", default="models/vae/final", help="VAE folder, for a diffusion final/ --model")
     add("--latent-stats", default="models/vae/latent_stats.json", help="latent stats, for a final/ --model")
     add("--device", default="", help="cpu, cuda, cuda:1 (default: cuda if available)")

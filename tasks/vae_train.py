@@ -7,7 +7,9 @@ anything launches; then ``opensora_core.jobs.train_vae`` runs under torchrun wit
 section. It writes ``models/vae/final/`` (weights, EMA weights, configs), ``models/vae/ckpt/``
 (resumable checkpoints; a rerun resumes the latest one whose config matches),
 ``metrics/vae.json`` (val PSNR, SSIM and the mean-frame baseline) and
-``metrics/vae_train_loss.csv``. The job's exit code is the stage's.
+``metrics/vae_train_loss.csv``. The job's exit code is the stage's. ``vae_train.init_from`` (a
+VAE folder or ``models:/NAME@ALIAS``, fetched here first) with ``steps: 0`` reuses an existing
+VAE: it is written to ``final/`` and measured on the current data.
 """
 
 from __future__ import annotations
@@ -30,8 +32,21 @@ def check_inputs(shards: Path) -> None:
         raise InputError(f"no shards in {shards} (run the shard stage first)")
 
 
+def maybe_fetch_vae(cfg: Config) -> None:
+    """A registry ``vae_train.init_from`` is downloaded (its bundle) before the job starts."""
+    init = cfg.vae_train.init_from
+    if init.startswith("models:/"):
+        from opensora_core.inference.sources import fetch_registered_bundle
+        from opensora_core.tracking import tracking_uri
+
+        fetch_registered_bundle(init, cfg.diffusion.cache_dir, tracking_uri(cfg.tracking))
+    elif init and not Path(init).is_dir():
+        raise InputError(f"vae_train.init_from: {init} is neither a models:/ URI nor a folder")
+
+
 def stage(args: argparse.Namespace, cfg: Config) -> str:
     check_inputs(Path(args.shards))
+    maybe_fetch_vae(cfg)
     job_args = ["--params", args.params]
     for item in args.overrides:
         job_args += ["--set", item]

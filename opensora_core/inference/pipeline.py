@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from opensora_core.diffusion.conditions import CONDITION_TYPES, build_conditions
 from opensora_core.diffusion.rectified_flow import RectifiedFlowConfig
 from opensora_core.diffusion.sampling import SamplingOptions, prepare_noise, sample
 from opensora_core.errors import ConfigError, InputError
+from opensora_core.inference.adapters import load_bundle_mmdit, merge_adapter_into, write_adapter_bundle
 from opensora_core.inference.run_config import find_flow_config, find_v2v_frames, text_encoder_config
 from opensora_core.inference.sources import (
     BUNDLE_FILE,
@@ -38,7 +39,7 @@ from opensora_core.models.final import (
     load_vae_dir,
     read_json,
 )
-from opensora_core.models.mmdit.model import MMDiT, MMDiTConfig, build_mmdit
+from opensora_core.models.mmdit.model import MMDiT
 from opensora_core.models.text.encoders import (
     TextEmbeddings,
     TextEncoder,
@@ -137,15 +138,15 @@ class T2VPipeline:
         )
 
     @classmethod
-    def from_bundle(cls, path: str | Path, **kwargs: Any) -> T2VPipeline:
-        """From a bundle folder written by :meth:`save_bundle`."""
+    def from_bundle(cls, path: str | Path, *, tracking_uri: str | None = None, **kwargs: Any) -> T2VPipeline:
+        """From a bundle folder written by :meth:`save_bundle` (an adapter bundle loads its base
+        from the registry at ``tracking_uri`` and merges the adapter)."""
         path = Path(path)
         meta = read_json(path / BUNDLE_FILE)
         if meta.get("format") != BUNDLE_FORMAT:
             raise InputError(f"{path / BUNDLE_FILE}: unknown format {meta.get('format')!r}")
         vae = VideoAutoencoder.load(path, "vae")
-        mmdit = build_mmdit(dataclass_from(MMDiTConfig, read_json(path / "mmdit_config.json")))
-        mmdit.load_state_dict(load_file(str(path / "mmdit.safetensors")))
+        mmdit = load_bundle_mmdit(path, tracking_uri)
         text_config = text_encoder_config(path / "text_encoder.json", {})
         config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
         return cls(
@@ -175,13 +176,27 @@ class T2VPipeline:
         if source.kind == "training":
             return cls.from_training(source.ref, vae_dir, latent_stats, **kwargs)
         if source.kind == "bundle":
-            return cls.from_bundle(source.ref, **kwargs)
+            return cls.from_bundle(source.ref, tracking_uri=tracking_uri, **kwargs)
         _client(tracking_uri)
         with tempfile.TemporaryDirectory(prefix="opensora-model-") as tmp:
-            return cls.from_bundle(download_bundle(source.model_uri, tmp), **kwargs)
+            return cls.from_bundle(
+                download_bundle(source.model_uri, tmp), tracking_uri=tracking_uri, **kwargs
+            )
 
-    def save_bundle(self, path: str | Path) -> Path:
-        """Write this pipeline as a bundle folder (see the module docstring); returns it."""
+    def apply_lora(self, adapter: str | Path, scale: float = 1.0) -> dict[str, Any]:
+        """Merge a LoRA adapter (a folder, or a final/ or bundle holding ``adapter/``) into the MMDiT
+        at ``scale``; returns its adapter.json. InputError (exit 2) when it was trained on a base
+        of other shapes."""
+        dtype = next(self.mmdit.parameters()).dtype
+        self.mmdit.float()
+        meta = merge_adapter_into(self.mmdit, adapter, scale)
+        self.mmdit.to(dtype)
+        return meta
+
+    def save_bundle(self, path: str | Path, adapter: str | Path | None = None) -> Path:
+        """Write this pipeline as a bundle folder (see the module docstring); returns it. With
+        ``adapter``, an adapter bundle: the adapter and a reference to its base instead of the
+        MMDiT weights (:mod:`opensora_core.inference.adapters`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.vae.to("cpu").save(path, "vae")
@@ -199,6 +214,8 @@ class T2VPipeline:
             "v2v_frames": self.v2v_frames,
             "text_encoder": self.text_encoder.name,
         }
+        if adapter is not None:
+            meta["base"] = write_adapter_bundle(path, adapter)
         write_json(path / BUNDLE_FILE, meta)
         if not self.offload:
             self.vae.to(self.device)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from opensora_core.errors import InputError
+from opensora_core.models.final import registry_cache_dir
 
 BUNDLE_FORMAT = "opensora-t2v-bundle/1"
 BUNDLE_FILE = "bundle.json"
@@ -102,3 +103,41 @@ def download_bundle(model_uri: str, dest: str | Path | None = None) -> Path:
     if not found:
         raise InputError(f"{model_uri}: the downloaded model has no {BUNDLE_FILE}")
     return found[0].parent
+
+
+def fetch_registered_bundle(
+    uri: str, cache_root: str | Path, tracking_uri: str | None = None
+) -> tuple[Path, dict]:
+    """The bundle of ``models:/NAME@ALIAS`` (or ``/VERSION``), downloaded into
+    :func:`registry_cache_dir` unless that folder already holds the version the URI names now;
+    returns (the bundle folder, its source: ``uri``, ``model_name``, ``version``, ``run_id``).
+
+    InputError (exit 2) when the URI does not resolve in the registry at ``tracking_uri``.
+    """
+    import json
+    import shutil
+
+    _check_registry_uri(uri, tracking_uri)
+    client = _client(tracking_uri)
+    name, _, alias = uri[len("models:/") :].partition("@")
+    if alias:
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = name.partition("/")
+        version = client.get_model_version(name, number)
+    source = {"uri": uri, "model_name": name, "version": str(version.version), "run_id": version.run_id}
+    dest = registry_cache_dir(cache_root, uri)
+    known = dest / "source.json"
+    fresh = known.is_file() and (dest / "bundle" / BUNDLE_FILE).is_file()
+    if fresh and {k: json.loads(known.read_text()).get(k) for k in source} == source:
+        return dest / "bundle", source
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    bundle = download_bundle(f"models:/{name}/{version.version}", tmp / "download")
+    shutil.move(str(bundle), str(tmp / "bundle"))
+    shutil.rmtree(tmp / "download", ignore_errors=True)
+    (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dest)
+    return dest / "bundle", source

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,16 @@ FINAL_MODEL = "model.safetensors"
 FINAL_EMA = "ema.safetensors"
 FINAL_FILES = (FINAL_MODEL, FINAL_EMA, "mmdit_config.json", "config.json", "text_encoder.json")
 """What a diffusion stage's ``final/`` folder holds (``samples.png`` beside them when sampled)."""
+
+
+REGISTRY_WEIGHTS = "mmdit.safetensors"
+"""The MMDiT weights file of a bundle, and of a registered base's copy under the cache."""
+
+
+def registry_cache_dir(cache_root: str | Path, uri: str) -> Path:
+    """Where a registered model ``uri`` is kept once downloaded (its bundle, ``mmdit.safetensors``
+    and ``source.json``): ``<cache_root>/registry/<the URI as a file name>/``."""
+    return Path(cache_root) / "registry" / re.sub(r"[^A-Za-z0-9_.-]+", "_", uri[len("models:/") :])
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``<ckpt_dir>/step-NNNNNNNN/``::
 
-    model.pt          weights (through the Booster when one is given, so ZeRO works)
+    model.pt          weights (through the Booster when one is given, so ZeRO works); with
+                      ``trainable_only`` (LoRA) only the parameters that train, the frozen base
+                      is not copied (its sha256 is in meta.json as ``base_sha256``)
     optimizer.pt      optimizer state (gathered by the Booster from ZeRO shards)
     lr_scheduler.pt   LR scheduler state
     ema.pt            EMA shadow weights (fp32)
@@ -46,6 +48,7 @@ import torch
 
 from opensora_core.distributed.booster import unwrap_model, unwrap_optimizer
 from opensora_core.distributed.dist import barrier, get_rank, get_rng_states, get_world_size, set_rng_states
+from opensora_core.errors import InputError
 from opensora_core.training.checkpoint_files import (
     disk_full_error,
     is_write_failure,
@@ -189,6 +192,8 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     keep_last_n: int = 0,
     exclude: tuple[str, ...] = RESUME_EXCLUDE,
+    trainable_only: bool = False,
+    base_sha256: str = "",
 ) -> Path:
     """Write ``<ckpt_dir>/step-NNNNNNNN/`` atomically; every rank must call it. Returns the folder.
 
@@ -196,6 +201,9 @@ def save_checkpoint(
     Booster is given, else rank 0 ``torch.save``s the unwrapped state dicts. ``sampler`` is an
     object with ``state_dict()`` or a plain mapping. ``config_hash`` defaults to
     :func:`resume_config_hash` of ``config``. ``keep_last_n > 0`` deletes older checkpoints.
+    ``trainable_only`` writes only the parameters with ``requires_grad`` into model.pt (a LoRA
+    adapter; parameters are replicated under ddp and zero2, so rank 0 writes them) and records
+    ``base_sha256``, the frozen weights' hash, in meta.json.
     """
     ckpt_dir = Path(ckpt_dir)
     rank = get_rank()
@@ -210,7 +218,8 @@ def save_checkpoint(
     barrier()
     try:
         _write_parts(
-            tmp, step, config_hash, model, optimizer, lr_scheduler, ema, sampler, booster, config, extra
+            tmp, step, config_hash, model, optimizer, lr_scheduler, ema, sampler, booster, config, extra,
+            trainable_only=trainable_only, base_sha256=base_sha256,
         )
         barrier()
         # 5. Rank 0 makes it durable, lists sizes and hashes, marks it complete, renames it into place.
@@ -247,11 +256,13 @@ def _write_parts(
     booster: Any,
     config: Any,
     extra: Mapping[str, Any] | None,
+    trainable_only: bool = False,
+    base_sha256: str = "",
 ) -> None:
     """Steps 2-4 of :func:`save_checkpoint`: every part of the state into ``tmp``."""
     rank, world_size = get_rank(), get_world_size()
     # 2. Model and optimizer: collectives under ZeRO, so every rank takes part.
-    _save_model_and_optimizer(tmp, model, optimizer, booster, rank)
+    _save_model_and_optimizer(tmp, model, optimizer, booster, rank, trainable_only)
     # 3. Replicated state: rank 0 writes it once.
     if rank == 0:
         sampler_state = sampler.state_dict() if hasattr(sampler, "state_dict") else sampler
@@ -262,6 +273,8 @@ def _write_parts(
             "world_size": world_size,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if trainable_only:
+            meta |= {"trainable_only": True, "base_sha256": base_sha256}
         _save_replicated(tmp, trainer_state, meta, lr_scheduler=lr_scheduler, ema=ema, config=config)
     # 4. Every rank its own RNG states.
     torch.save(get_rng_states(), tmp / "rng" / f"rank-{rank:05d}.pt")
@@ -277,18 +290,29 @@ def _fresh_tmp(ckpt_dir: Path, tmp: Path) -> None:
     (tmp / "rng").mkdir(parents=True)
 
 
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's parameters that train (``requires_grad``), detached, on CPU."""
+    return {n: p.detach().cpu() for n, p in unwrap_model(model).named_parameters() if p.requires_grad}
+
+
 def _save_model_and_optimizer(
-    tmp: Path, model: torch.nn.Module, optimizer: Any, booster: Any, rank: int
+    tmp: Path, model: torch.nn.Module, optimizer: Any, booster: Any, rank: int, trainable_only: bool = False
 ) -> None:
     """Through the Booster on every rank (ZeRO gathers shards), else ``torch.save`` on rank 0."""
+    if trainable_only:
+        if rank == 0:
+            torch.save(trainable_state_dict(model), tmp / "model.pt")
+        model = None  # the optimizer below still goes through the Booster
     if booster is not None:
-        booster.save_model(model, str(tmp / "model.pt"))
+        if model is not None:
+            booster.save_model(model, str(tmp / "model.pt"))
         if optimizer is not None:
             booster.save_optimizer(optimizer, str(tmp / "optimizer.pt"))
-    elif rank == 0:
+        return
+    if rank == 0 and model is not None:
         torch.save(unwrap_model(model).state_dict(), tmp / "model.pt")
-        if optimizer is not None:
-            torch.save(unwrap_optimizer(optimizer).state_dict(), tmp / "optimizer.pt")
+    if rank == 0 and optimizer is not None:
+        torch.save(unwrap_optimizer(optimizer).state_dict(), tmp / "optimizer.pt")
 
 
 def _save_replicated(
@@ -376,21 +400,30 @@ def load_checkpoint(
     booster: Any = None,
     load_rng: bool = True,
     strict: bool = True,
+    trainable_only: bool = False,
+    base_sha256: str = "",
 ) -> LoadedCheckpoint:
     """Restore what :func:`save_checkpoint` wrote into the given objects; every rank calls it.
 
     Objects left as None are not restored. This rank's RNG states are restored last (when
     ``load_rng`` and a file for this rank exists: a different world size keeps fresh streams).
+    ``trainable_only``: model.pt holds only the trained parameters (a LoRA adapter) and the model
+    already carries its base weights; a ``base_sha256`` other than the one saved is an error.
     """
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    if trainable_only:
+        _load_trainable(path, model, base_sha256)
+        model = None
     if booster is not None:
-        booster.load_model(model, str(path / "model.pt"), strict=strict)
+        if model is not None:
+            booster.load_model(model, str(path / "model.pt"), strict=strict)
         if optimizer is not None:
             booster.load_optimizer(optimizer, str(path / "optimizer.pt"))
     else:
-        unwrap_model(model).load_state_dict(_load(path / "model.pt"), strict=strict)
+        if model is not None:
+            unwrap_model(model).load_state_dict(_load(path / "model.pt"), strict=strict)
         if optimizer is not None:
             unwrap_optimizer(optimizer).load_state_dict(_load(path / "optimizer.pt"))
     if lr_scheduler is not None:
@@ -414,6 +447,28 @@ def load_checkpoint(
     )
 
 
+def _load_trainable(path: Path, model: torch.nn.Module, base_sha256: str) -> None:
+    """Copy model.pt's trained parameters into ``model``; exactly its trainable ones must be there."""
+    meta = read_meta(path)
+    saved_base = meta.get("base_sha256", "")
+    if not meta.get("trainable_only"):
+        raise InputError(f"{path} holds a whole model, not only its trained parameters")
+    if base_sha256 and saved_base and saved_base != base_sha256:
+        raise InputError(
+            f"{path} was trained on base {saved_base[:12]}, this model's base is {base_sha256[:12]}"
+        )
+    state = _load(path / "model.pt")
+    params = dict(unwrap_model(model).named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != wanted:
+        raise InputError(
+            f"{path}: trained parameters differ from the model's: {sorted(set(state) ^ wanted)[:5]}"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
 def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -434,13 +489,18 @@ class CheckpointedTrainer:
     step: int
     resolved: Any
     config_hash: str
+    trainable_only: bool = False
+    """Checkpoints hold only the parameters that train (LoRA); the base is rebuilt from its file."""
+    base_sha256: str = ""
+    """sha256 of the frozen base weights, recorded in (and checked against) trainable-only checkpoints."""
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """The objects a checkpoint holds, as the keyword arguments of save/load_checkpoint (a
         part the trainer has not built yet is None)."""
         names = {"model": "model", "optimizer": "optimizer", "lr_scheduler": "lr_scheduler"}
         names |= {"ema": "ema", "sampler": "loader", "booster": "booster"}
-        return {key: getattr(self, attr, None) for key, attr in names.items()}
+        parts = {key: getattr(self, attr, None) for key, attr in names.items()}
+        return parts | {"trainable_only": self.trainable_only, "base_sha256": self.base_sha256}
 
     def save_state(self, ckpt_dir: str | Path, extra: Mapping[str, Any], keep_last_n: int) -> Path:
         """:func:`save_checkpoint` of every part at ``self.step``; every rank calls it."""

@@ -6,6 +6,7 @@ The reader of ``final/`` is :func:`opensora_core.models.final.load_diffusion_fin
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -13,21 +14,34 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from opensora_core.config import DiffusionConfig
+from opensora_core.config import DiffusionConfig, LoraConfig
 from opensora_core.data.buckets import Buckets
 from opensora_core.data.shards import ShardReader
 from opensora_core.diffusion.sampling import SamplingOptions, prepare_noise, sample_euler
 from opensora_core.errors import InputError
 from opensora_core.models.final import FINAL_EMA, FINAL_MODEL
+from opensora_core.models.lora import merged_state_dict, save_adapter
 from opensora_core.models.mmdit import MMDiT, build_mmdit
 from opensora_core.models.text.encoders import TextEmbeddings, TextEncoder
 from opensora_core.training.ema import EMA
+
+
+@dataclass
+class AdapterExport:
+    """What ``final/adapter/`` records of a LoRA stage beside the adapter's tensors."""
+
+    lora: LoraConfig
+    targets: list[str]
+    """The wrapped module names."""
+    base: dict[str, str]
+    """The base's sha256 and path (and registry name and version when it came from there)."""
 
 
 def save_final(
@@ -37,20 +51,29 @@ def save_final(
     config: dict[str, Any],
     text_encoder: TextEncoder,
     samples_png: Path | None = None,
+    adapter: AdapterExport | None = None,
 ) -> Path:
     """Write ``final/`` atomically (a temp folder renamed into place); returns the folder.
 
     model.safetensors (raw weights, fp32), ema.safetensors (the EMA weights), mmdit_config.json,
     config.json (the resolved config), text_encoder.json (its config, name and widths), and the
-    last samples as samples.png.
+    last samples as samples.png. A LoRA stage (``adapter`` given) writes the merged weights (base
+    + adapter, base + EMA adapter) under the same names, so later stages, evaluate and register
+    read them as any other, and the EMA adapter alone in ``adapter/`` (see models.lora).
     """
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    if adapter is not None:
+        weights = merged_state_dict(model)
+        ema_weights = merged_state_dict(model, ema.module_state_dict())
+        save_adapter(tmp / "adapter", ema.module_state_dict(), adapter.lora, adapter.targets, adapter.base)
+    else:
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+        ema_weights = ema.module_state_dict()
     save_file(weights, str(tmp / FINAL_MODEL))
-    save_file({k: v.contiguous() for k, v in ema.module_state_dict().items()}, str(tmp / FINAL_EMA))
+    save_file({k: v.contiguous() for k, v in ema_weights.items()}, str(tmp / FINAL_EMA))
     mmdit = {**dataclasses.asdict(model.config), "checkpoint_blocks": 0}
     text = {
         **config["diffusion"]["text_encoder"],
@@ -110,17 +133,23 @@ def render_samples(
     cfg: DiffusionConfig,
     device: torch.device,
     out: Path,
+    template: torch.nn.Module | None = None,
 ) -> Path:
     """Sample the EMA weights for ``prompts`` (noise seeds 0..N-1) at ``shape`` (T, H, W) and save
     the decoded videos as a frame grid PNG (rows: prompts, columns: frames) at ``out``.
 
-    The sampling copy of the MMDiT is built under a forked RNG, so the training streams stay untouched.
+    The sampling copy of the MMDiT is built under a forked RNG, so the training streams stay
+    untouched; with ``template`` (a LoRA model, whose EMA covers the adapter only) it is a copy of
+    it instead.
     """
     from opensora_core.training.vae_trainer import save_frame_grid
 
     latent_shape = vae.latent_shape(*shape)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model = build_mmdit(mmdit_config, device=device, checkpoint_blocks=0)
+        if template is None:
+            model = build_mmdit(mmdit_config, device=device, checkpoint_blocks=0)
+        else:
+            model = copy.deepcopy(template)
     ema.copy_to(model.eval())
     noise = prepare_noise(list(range(len(prompts))), latent_shape, device)
     opts = SamplingOptions(num_steps=cfg.sample_num_steps, guidance=cfg.sample_guidance)

@@ -6,7 +6,10 @@ The job ``opensora_core.jobs.train_diffusion`` runs :func:`train_stage` on every
 2. the data: shard rows -> bucket batches (resumable sampler) -> cached latents or clips to encode;
 3. the MMDiT, started from the previous stage's final EMA weights (the first stage from
    ``diffusion.init_from`` or from scratch; ``--load`` overrides both), boosted by ColossalAI
-   (``ddp`` / ``zero2``) with AdamW, beside the LR schedule and the EMA;
+   (``ddp`` / ``zero2``) with AdamW, beside the LR schedule and the EMA; with the stage's
+   ``lora.enabled`` those weights are a frozen base, only a LoRA adapter (opensora_core.models.lora)
+   trains, EMA and checkpoints hold the adapter only, and a LoRA stage after a LoRA stage keeps
+   the base and trains the same adapter on;
 4. the latest checkpoint saved with the same resolved config, if any, is resumed;
 5. :meth:`DiffusionTrainer.train_step`: latents -> flow inputs (times, noise, conditions, text
    dropout) -> masked flow loss -> backward -> clip -> optimizer step -> EMA, under the OOM guard and
@@ -35,7 +38,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ from opensora_core.config import Config, DiffusionConfig, TrainConfig
 from opensora_core.data.dataset import VideoDataset
 from opensora_core.data.sampler import BucketBatchSampler, InfiniteLoader
 from opensora_core.data.shards import ShardReader, file_sha256
-from opensora_core.diffusion.conditions import Condition, build_conditions, sample_condition_types
+from opensora_core.diffusion.conditions import build_conditions, sample_condition_types
 from opensora_core.diffusion.denoiser import predict_velocity
 from opensora_core.diffusion.rectified_flow import RectifiedFlow
 from opensora_core.distributed.booster import build_booster, maybe_clip_grad_norm, unwrap_model
@@ -61,10 +63,11 @@ from opensora_core.models.final import build_frozen_vae, read_latent_stats, reso
 from opensora_core.models.final import load_diffusion_final as load_diffusion_final
 from opensora_core.models.mmdit import MMDIT_SIZES
 from opensora_core.models.mmdit.loader import LoadReport
-from opensora_core.models.text.encoders import TextEmbeddings, drop_conditions
+from opensora_core.models.text.encoders import drop_conditions
 from opensora_core.tracking import NullRun, start_stage_run
 from opensora_core.training.checkpoint import CheckpointedTrainer, is_complete
 from opensora_core.training.diffusion_outputs import (
+    AdapterExport,
     new_samples_path,
     render_samples,
     sample_prompts,
@@ -75,8 +78,12 @@ from opensora_core.training.diffusion_outputs import (
 from opensora_core.training.diffusion_outputs import summary_line as summary_line
 from opensora_core.training.diffusion_stage import (
     RUN_EXCLUDE,
+    BoostedMMDiT,
+    FlowInputs,
     LoadOptions,
     StagePaths,
+    apply_stage_lora,
+    base_reference,
     build_buckets,
     build_model,
     build_optimizer,
@@ -85,6 +92,7 @@ from opensora_core.training.diffusion_stage import (
     init_weights_path,
     load_initial_weights,
     position_lr_scheduler,
+    previous_adapter,
     previous_stage,
     validate_stage,
 )
@@ -96,37 +104,6 @@ from opensora_core.training.metrics import MetricWindow, flop_counter, maybe_pro
 from opensora_core.training.run_key import code_fingerprint, mark_finished, resume_config_hash, select_resume
 
 log = logging.getLogger("opensora.diffusion")
-
-
-@dataclass
-class FlowInputs:
-    """Every random draw of one step for a batch of B: the model's inputs and the target."""
-
-    x_t: Tensor
-    """(B, C, T, H, W) noisy latents."""
-    t: Tensor
-    """(B,) times, 1 = noise."""
-    target: Tensor
-    """(B, C, T, H, W) velocity."""
-    text: TextEmbeddings
-    """Prompt embeddings after condition dropout."""
-    cond: Condition
-    """Mask (B, 1, T, H, W), masked reference (B, C, T, H, W), loss mask (B, T)."""
-
-
-class BoostedMMDiT:
-    """The boosted model called where an MMDiT is expected (:func:`predict_velocity`): calls go
-    through the wrapper (DDP / ZeRO hooks), attributes (``config``, ``cond_in``) come from the MMDiT."""
-
-    def __init__(self, boosted: torch.nn.Module) -> None:
-        self.boosted = boosted
-        self.module = unwrap_model(boosted)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.boosted(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.module, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +150,7 @@ class DiffusionTrainer(CheckpointedTrainer):
             self.init_path: Path | None = resolve_weights_file(Path(self.load.path))
         else:
             self.init_path = init_weights_path(self.dcfg, stage, paths)
+        self.init_adapter = previous_adapter(self.dcfg, stage, paths) if not self.load.path else None
         self.resolved = self._resolved_config(stats)
         self.exclude = RUN_EXCLUDE + tuple(f"diffusion.stages.{n}" for n in self.dcfg.stages if n != stage)
         self.config_hash = resume_config_hash(self.resolved, self.exclude)
@@ -182,7 +160,11 @@ class DiffusionTrainer(CheckpointedTrainer):
         log.info("%s", reason)
         self.run.set_tags({"resume": reason[:250]})
 
-        # 4. model (the same initial weights on every rank), EMA, optimizer, booster
+        # 4. model (the same initial weights on every rank; LoRA: the frozen base plus an adapter),
+        #    EMA, optimizer, booster
+        self.lora_cfg = self.scfg.lora
+        self.trainable_only = self.lora_cfg.enabled
+        self.base_sha256 = self.resolved["run"]["init_sha256"] if self.trainable_only else ""
         self._build_model()
 
         # 5. training state: fresh, resumed, or from --load
@@ -226,12 +208,21 @@ class DiffusionTrainer(CheckpointedTrainer):
         torch.manual_seed(self.dcfg.seed)
         model = build_model(self.dcfg, self.text_encoder, self.vae.latent_channels, self.device)
         self.load_report: LoadReport | None = None
-        if self.resume_path is None and self.init_path is not None and not is_complete(self.init_path):
-            # The previous stage's weights fit exactly; released or --load weights may not.
-            strict = not self.load.path and previous_stage(self.dcfg, self.stage) is not None
+        # A LoRA checkpoint holds the adapter only, so its base is loaded on resume too.
+        fresh = self.resume_path is None or self.trainable_only
+        if fresh and self.init_path is not None and not is_complete(self.init_path):
+            # The previous stage's weights fit exactly, and so must a LoRA base; released or
+            # --load weights may not.
+            strict = self.trainable_only or (
+                not self.load.path and previous_stage(self.dcfg, self.stage) is not None
+            )
             self.load_report = load_initial_weights(model, self.init_path, strict, self.run)
+        self.lora_targets: list[str] = []
+        if self.trainable_only:
+            adapter = self.init_adapter if self.resume_path is None else None
+            self.lora_targets = apply_stage_lora(model, self.lora_cfg, self.dcfg.seed + 1, adapter, self.run)
         set_seed(self.dcfg.seed, self.info.rank)
-        self.ema = EMA(model, self.dcfg.ema_decay)
+        self.ema = EMA(model, self.dcfg.ema_decay, trainable_only=self.trainable_only)
         self.booster = build_booster(self.dcfg.plugin, self.dcfg.precision, self.dcfg.grad_clip)
         optimizer = build_optimizer(model, self.dcfg, self.scfg)
         self.model, self.optimizer, *_ = self.booster.boost(model, optimizer)
@@ -246,6 +237,11 @@ class DiffusionTrainer(CheckpointedTrainer):
             "stage": self.stage,
             "init": str(self.init_path or ""),
             "init_sha256": init_sha,
+            "base": base_reference(self.init_path, init_sha),
+            "init_adapter": str(self.init_adapter or ""),
+            "init_adapter_sha256": file_sha256(self.init_adapter / "adapter.safetensors")
+            if self.init_adapter
+            else "",
             "vae_sha256": str(stats["vae_sha256"]),
             "shards_hash": self.reader.content_hash,
             "text_encoder": self.text_encoder.name,
@@ -406,8 +402,17 @@ class DiffusionTrainer(CheckpointedTrainer):
             if sampled_at != self.step:
                 samples_png = self.log_samples()
             final = self.paths.final(self.stage)
+            adapter = None
+            if self.trainable_only:
+                adapter = AdapterExport(self.lora_cfg, self.lora_targets, self.resolved["run"]["base"])
             save_final(
-                final, unwrap_model(self.model), self.ema, self.resolved, self.text_encoder, samples_png
+                final,
+                unwrap_model(self.model),
+                self.ema,
+                self.resolved,
+                self.text_encoder,
+                samples_png,
+                adapter,
             )
             write_loss_csv(self.paths.loss_csv(self.stage), self.history)
             self.paths.summary(self.stage).write_text(json.dumps(summary, indent=2) + "\n")
@@ -467,6 +472,7 @@ class DiffusionTrainer(CheckpointedTrainer):
             self.dcfg,
             self.device,
             new_samples_path(self.step),
+            template=unwrap_model(self.model) if self.trainable_only else None,
         )
         self.run.log_artifact(out, "samples")
         return out

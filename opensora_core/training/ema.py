@@ -21,24 +21,33 @@ class EMA:
 
     ``model`` may be boosted (DDP / ZeRO wrapper): parameters are read from the unwrapped module,
     so the shadow's keys are the plain model's parameter names. ``device`` defaults to the
-    parameters' device.
+    parameters' device. ``trainable_only`` keeps only parameters with ``requires_grad`` (a LoRA
+    model's adapter: the frozen base needs no average).
     """
 
     def __init__(
-        self, model: nn.Module, decay: float = 0.9999, device: torch.device | str | None = None
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        device: torch.device | str | None = None,
+        trainable_only: bool = False,
     ) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
+        self.trainable_only = trainable_only
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
             for name, p in self._params(model)
         }
 
-    @staticmethod
-    def _params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in unwrap_model(model).named_parameters() if p.dtype.is_floating_point]
+    def _params(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [
+            (n, p)
+            for n, p in unwrap_model(model).named_parameters()
+            if p.dtype.is_floating_point and (p.requires_grad or not self.trainable_only)
+        ]
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:

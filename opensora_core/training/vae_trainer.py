@@ -31,8 +31,9 @@ from opensora_core.data.sampler import BucketBatchSampler, InfiniteLoader
 from opensora_core.data.shards import ShardReader
 from opensora_core.distributed.booster import build_booster, maybe_clip_grad_norm, unwrap_model
 from opensora_core.distributed.dist import DistInfo, all_reduce_sum, barrier, set_seed
-from opensora_core.errors import NonFiniteLoss
+from opensora_core.errors import InputError, NonFiniteLoss
 from opensora_core.models.final import load_vae_final as load_vae_final
+from opensora_core.models.final import registry_cache_dir
 from opensora_core.models.vae import VaeModelConfig, VideoAutoencoder, build_vae
 from opensora_core.models.vae.discriminator import PatchDiscriminator3D
 from opensora_core.models.vae.losses import LPIPS, VaeLoss
@@ -77,6 +78,35 @@ def build_model(cfg: VaeTrainConfig) -> VideoAutoencoder:
             family=cfg.family, size=cfg.size, pretrained_path=cfg.pretrained_path, shortcut=cfg.shortcut
         )
     )
+
+
+def vae_init_folder(cfg: VaeTrainConfig, cache_root: str) -> tuple[Path, str] | None:
+    """(folder, weights name) of ``vae_train.init_from``: a final/ folder (``ema``), a bundle
+    (``vae``; a registry URI's bundle under the cache), or None when it is empty."""
+    if not cfg.init_from:
+        return None
+    folder = Path(cfg.init_from)
+    if cfg.init_from.startswith("models:/"):
+        folder = registry_cache_dir(cache_root, cfg.init_from) / "bundle"
+    for name in ("ema", "vae", "model"):
+        if (folder / f"{name}.safetensors").is_file() and (folder / f"{name}.json").is_file():
+            return folder, name
+    raise InputError(f"vae_train.init_from: no VAE (ema, vae or model .safetensors + .json) in {folder}")
+
+
+def load_vae_init(model: VideoAutoencoder, cfg: VaeTrainConfig, cache_root: str) -> None:
+    """Copy ``vae_train.init_from``'s weights into ``model`` (strict: InputError when they do not fit)."""
+    found = vae_init_folder(cfg, cache_root)
+    if found is None:
+        return
+    source = VideoAutoencoder.load(*found)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as exc:
+        raise InputError(
+            f"vae_train.init_from {found[0]} does not fit vae_train's architecture: {exc}"
+        ) from exc
+    log.info("vae_train: initial weights from %s/%s.safetensors", *found)
 
 
 def build_loss(cfg: VaeTrainConfig) -> VaeLoss:
@@ -131,7 +161,9 @@ class VaeTrainer(CheckpointedTrainer):
         self.config_hash = resume_config_hash(self.resolved, RUN_EXCLUDE)
         # 2. model, EMA, loss; the same initial weights on every rank
         torch.manual_seed(self.tcfg.seed)
-        model = build_model(self.tcfg).to(self.device)
+        model = build_model(self.tcfg)
+        load_vae_init(model, self.tcfg, cfg.diffusion.cache_dir)
+        model = model.to(self.device)
         self.ema = EMA(model, self.tcfg.ema_decay)
         self.loss_fn = build_loss(self.tcfg).to(self.device)
         self.loader = build_loader(self.tcfg, self.reader, model.spatial_factor, info)
@@ -307,6 +339,9 @@ class VaeTrainer(CheckpointedTrainer):
         """models/vae/final/: raw weights, EMA weights, their VAE configs and the resolved config."""
         final = self.paths.final
         final.mkdir(parents=True, exist_ok=True)
+        # The stage's declared outputs exist even when a reused VAE trains 0 steps (no checkpoint).
+        for folder in (self.paths.ckpt, self.paths.reports):
+            folder.mkdir(parents=True, exist_ok=True)
         self.vae.save(final, "model")
         ema_model = build_model(self.tcfg)
         ema_model.load_state_dict(self.vae.state_dict())

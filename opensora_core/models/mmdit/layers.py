@@ -118,9 +118,11 @@ def _fused_linear(x: Tensor, layers: list[nn.Linear], fused: bool = True) -> Ten
     """Apply several Linear layers that read the same x as one matmul; outputs concatenated on the last dim.
 
     ``fused=False`` runs one matmul per layer (Open-Sora 2.0's released layout; same math), which
-    ``benchmarks/train_step.py --no-fused-qkv`` measures against.
+    ``benchmarks/train_step.py --no-fused-qkv`` measures against. Layers wrapped by an adapter
+    (LoRA: not a plain ``nn.Linear``) always run their own forward, so the adapter's term is not
+    skipped.
     """
-    if not fused:
+    if not fused or any(type(layer) is not nn.Linear for layer in layers):
         return torch.cat([layer(x) for layer in layers], dim=-1)
     weight = torch.cat([layer.weight for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])

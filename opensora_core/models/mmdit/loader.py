@@ -102,13 +102,14 @@ def _strip_wrapper(key: str) -> str:
     return key
 
 
-def load_mmdit_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
-    """Copy the tensors of the checkpoint at ``path`` into ``model`` by name; returns the report.
+def check_mmdit_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """The report a load of ``path`` into ``model`` would give, from the file headers only (nothing
+    is read or copied; ``model`` may live on the meta device)."""
+    return _plan_load(model, path)[0]
 
-    Keys whose shapes differ are skipped and reported. ``strict=True`` raises
-    :class:`IncompatibleWeights` (exit code 2) before changing the model if anything is missing,
-    unexpected or mismatched. Tensors are cast to the dtype of the model's tensor they replace.
-    """
+
+def _plan_load(model: nn.Module, path: str | Path) -> tuple[LoadReport, list[tuple[Path, str, str]]]:
+    """(report without ``loaded``, the (file, key in file, model key) of every tensor that fits)."""
     files = checkpoint_files(path)
     targets = model.state_dict(keep_vars=True)
     report = LoadReport(files=[str(f) for f in files])
@@ -130,6 +131,19 @@ def load_mmdit_weights(model: nn.Module, path: str | Path, strict: bool = False)
                     plan.append((file, key, name))
                 seen.add(name)
     report.missing = [name for name in targets if name not in seen]
+    return report, plan
+
+
+def load_mmdit_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
+    """Copy the tensors of the checkpoint at ``path`` into ``model`` by name; returns the report.
+
+    Keys whose shapes differ are skipped and reported. ``strict=True`` raises
+    :class:`IncompatibleWeights` (exit code 2) before changing the model if anything is missing,
+    unexpected or mismatched. Tensors are cast to the dtype of the model's tensor they replace.
+    """
+    report, plan = _plan_load(model, path)
+    files = [Path(f) for f in report.files]
+    targets = model.state_dict(keep_vars=True)
     if strict and not report.ok:
         raise IncompatibleWeights(report)
 
