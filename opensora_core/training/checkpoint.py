@@ -218,8 +218,19 @@ def save_checkpoint(
     barrier()
     try:
         _write_parts(
-            tmp, step, config_hash, model, optimizer, lr_scheduler, ema, sampler, booster, config, extra,
-            trainable_only=trainable_only, base_sha256=base_sha256,
+            tmp,
+            step,
+            config_hash,
+            model,
+            optimizer,
+            lr_scheduler,
+            ema,
+            sampler,
+            booster,
+            config,
+            extra,
+            trainable_only=trainable_only,
+            base_sha256=base_sha256,
         )
         barrier()
         # 5. Rank 0 makes it durable, lists sizes and hashes, marks it complete, renames it into place.
