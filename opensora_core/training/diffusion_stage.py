@@ -142,6 +142,7 @@ def get_stage(cfg: DiffusionConfig, stage: str) -> DiffusionStageConfig:
 
 def previous_stage(cfg: DiffusionConfig, stage: str) -> str | None:
     """The stage before ``stage`` in ``diffusion.stages``, or None for the first."""
+    get_stage(cfg, stage)  # an unknown name is a ConfigError (exit 2) listing the stages
     names = list(cfg.stages)
     position = names.index(stage)
     return names[position - 1] if position > 0 else None
