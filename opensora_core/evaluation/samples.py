@@ -135,7 +135,8 @@ def write_plots(metrics: dict[str, Any], report_dir: Path) -> list[Path]:
     chance = [metrics.get(f"chance_{a}") or 0.0 for a in attrs]
     axes[1].bar(attrs, scores, label="generated")
     axes[1].scatter(attrs, chance, color="black", marker="_", s=400, label="chance", zorder=3)
-    axes[1].set(ylim=(0, 1), title="prompt adherence")
+    measured = any(metrics.get(k) is not None for k in ADHERENCE_KEYS)
+    axes[1].set(ylim=(0, 1), title="prompt adherence" if measured else "prompt adherence: no labels")
     axes[1].legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     png = report_dir / "metrics.png"
