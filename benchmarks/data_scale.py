@@ -176,6 +176,8 @@ def _write_meta_chunk(
             "codec": np.where(still, "png", "h264").astype(object),
             "status": status,
             "error": error,
+            # a stand-in content fingerprint per row, as the meta stage's sha256 column
+            "sha256": np.array([f"{i:064x}" for i in ids], dtype=object),
         }
     ).astype(META_DTYPES)
     arrow = pa.Table.from_pandas(table, preserve_index=False)

@@ -721,7 +721,13 @@ class RegisterConfig:
     default is a sanity ceiling: a model predicting zero velocity scores about 2 on unit-variance
     latents."""
     compare_metric: str = "adherence_color"
-    """Metric compared with the current champion (higher is better)."""
+    """Metric compared with the current champion (higher is better unless in ``lower_is_better``)."""
+    fallback_metric: str = "fvd_vae"
+    """Compared instead when the candidate has no ``compare_metric`` (null in metrics/eval.json:
+    adherence needs ground-truth labels, which a folder or CSV dataset has not); empty: no
+    fallback, and such a candidate never takes champion from one that has the metric."""
+    lower_is_better: list[str] = field(default_factory=lambda: ["fvd_vae", "val_loss"])
+    """Metrics for which a lower value beats the champion (the others: higher is better)."""
     fail_on_gate: bool = False
     """Exit with code 3 when the gate fails (the version is registered as candidate either way)."""
 

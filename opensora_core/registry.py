@@ -4,8 +4,12 @@ Every registered version gets the alias ``candidate``. It also takes ``champion`
 
 1. it passes the gate: every metric in ``gate`` reaches its minimum and every metric in
    ``gate_max`` stays at or under its maximum (a missing or non-finite metric fails), and
-2. no champion exists, or the champion lacks ``compare_metric``, or the candidate's value is
-   higher than the champion's (higher is better).
+2. no champion exists, or the champion lacks the compared metric, or the candidate's value is
+   better than the champion's: higher, or lower for a metric in ``lower_is_better``.
+
+The compared metric is ``compare_metric``, or ``fallback_metric`` when the candidate has no
+``compare_metric`` (adherence is null for data without ground-truth labels: a folder or CSV
+source) and has the fallback; the decision's ``compare_metric`` names the one used.
 
 The champion's metrics are read from its version tags (``metric.<name>``), written when it was
 registered, so the rule needs nothing but the registry. :func:`decide_promotion` is the pure
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -92,6 +96,14 @@ def check_gate(
     return failures
 
 
+def compared_metric(metrics: Mapping[str, Any], compare_metric: str, fallback_metric: str = "") -> str:
+    """``compare_metric``, or ``fallback_metric`` when the candidate lacks the first and has the second."""
+    missing = _finite(metrics.get(compare_metric)) is None
+    if missing and fallback_metric and _finite(metrics.get(fallback_metric)) is not None:
+        return fallback_metric
+    return compare_metric
+
+
 def decide_promotion(
     metrics: Mapping[str, Any],
     gate: Mapping[str, float],
@@ -99,9 +111,16 @@ def decide_promotion(
     champion_metrics: Mapping[str, Any] | None = None,
     champion_version: str | None = None,
     gate_max: Mapping[str, float] | None = None,
+    *,
+    fallback_metric: str = "",
+    lower_is_better: Collection[str] = (),
 ) -> PromotionDecision:
     """Whether a candidate with ``metrics`` takes ``champion`` (see the module docstring)."""
     failures = check_gate(metrics, gate, gate_max)
+    configured, compare_metric = compare_metric, compared_metric(metrics, compare_metric, fallback_metric)
+    lower = compare_metric in lower_is_better
+    note = f"no {configured}, compared on {compare_metric}; " if compare_metric != configured else ""
+    order = " (lower is better)" if lower else ""
     decision = PromotionDecision(
         gate_passed=not failures,
         gate_failures=failures,
@@ -119,17 +138,19 @@ def decide_promotion(
         decision.reason = f"passed the gate; champion v{champion_version} has no {compare_metric}"
     elif decision.candidate_value is None:
         decision.reason = f"candidate has no {compare_metric} to compare with the champion"
-    elif decision.candidate_value > decision.champion_value:
-        decision.promote = True
-        decision.reason = (
-            f"{compare_metric} {decision.candidate_value:.4g} beats champion "
-            f"v{champion_version}'s {decision.champion_value:.4g}"
-        )
     else:
-        decision.reason = (
-            f"{compare_metric} {decision.candidate_value:.4g} does not beat champion "
-            f"v{champion_version}'s {decision.champion_value:.4g}"
+        better = (
+            decision.candidate_value < decision.champion_value
+            if lower
+            else decision.candidate_value > decision.champion_value
         )
+        decision.promote = better
+        decision.reason = (
+            f"{compare_metric} {decision.candidate_value:.4g} {'beats' if better else 'does not beat'} "
+            f"champion v{champion_version}'s {decision.champion_value:.4g}{order}"
+        )
+    if note and not decision.reason.startswith(note):
+        decision.reason = note + decision.reason
     return decision
 
 
@@ -170,6 +191,9 @@ def apply_promotion(
     gate: Mapping[str, float],
     compare_metric: str,
     gate_max: Mapping[str, float] | None = None,
+    *,
+    fallback_metric: str = "",
+    lower_is_better: Collection[str] = (),
 ) -> PromotionDecision:
     """Give ``version`` the alias ``candidate``; move ``champion`` to it when the rule says so."""
     champion = get_alias_version(client, name, CHAMPION)
@@ -177,7 +201,16 @@ def apply_promotion(
     champion_version = str(champion.version) if champion is not None else None
     if champion is not None and champion_version == str(version):
         champion_metrics, champion_version = None, None  # re-deciding for the champion itself
-    decision = decide_promotion(metrics, gate, compare_metric, champion_metrics, champion_version, gate_max)
+    decision = decide_promotion(
+        metrics,
+        gate,
+        compare_metric,
+        champion_metrics,
+        champion_version,
+        gate_max,
+        fallback_metric=fallback_metric,
+        lower_is_better=lower_is_better,
+    )
     client.set_registered_model_alias(name, CANDIDATE, str(version))
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, str(version))

@@ -3,15 +3,17 @@
     python -m tasks.evaluate [--stage NAME | --model DIR] [--params P] [--set section.key=value ...]
 
 The configuration and the inputs (the model's ``final/`` folder, the VAE, its latent statistics,
-the shards' held-out rows) are checked here, so a mistake exits with code 2 before anything
+the shards' held-out rows, ``labels.parquet``) are checked here, so a mistake exits with code 2 before anything
 launches; then ``opensora_core.jobs.evaluate`` runs under torchrun with the ``launch`` section (one
 process per GPU, or one on CPU) and does the work: the flow loss at ``evaluate.val_timesteps`` on
 up to ``evaluate.max_val_clips`` held-out clips, the VAE's reconstruction scores on them, samples
-at seeds ``evaluate.seed + i`` and their prompt adherence. The ranks split the batches and rank 0
+at seeds ``evaluate.seed + i``, their prompt adherence when the data has labels, and ``fvd_vae``
+(the Fréchet distance between the samples and the held-out clips in the VAE's latent space, lower
+is better; not the I3D FVD of the literature). The ranks split the batches and rank 0
 gathers and writes, so the results do not depend on the number of processes (see the job).
 
 Writes ``metrics/eval.json`` (``val_loss``, ``val_loss_by_t``, ``vae_psnr``, ``vae_ssim``,
-``adherence_*``, ``chance_*``, ``num_samples``, ...) and ``reports/eval/`` (``samples/`` mp4s with
+``fvd_vae``, ``adherence_*``, ``chance_*`` (null without labels), ``num_samples``, ...) and ``reports/eval/`` (``samples/`` mp4s with
 a ``.txt`` each, ``grid.png``, ``adherence.csv``, ``val_loss_by_t.csv``, ``metrics.png``), all
 logged to MLflow. Everything is seeded: two runs on CPU write the same ``metrics/eval.json``.
 The job's exit code is the stage's.
@@ -52,9 +54,10 @@ def model_dir_of(args: argparse.Namespace, cfg: Config) -> Path:
     return DEFAULT_MODELS / "diffusion" / name / "final"
 
 
-def check_inputs(model_dir: Path, vae: Path, latent_stats: Path, shards: Path) -> None:
+def check_inputs(model_dir: Path, vae: Path, latent_stats: Path, shards: Path, labels: Path) -> None:
     """Every input the job reads, with InputError (exit 2) naming the first missing one."""
     from opensora_core.data.shards import ShardReader
+    from opensora_core.evaluation.samples import read_labels
 
     if not (model_dir / "mmdit_config.json").is_file():
         what = (
@@ -73,6 +76,7 @@ def check_inputs(model_dir: Path, vae: Path, latent_stats: Path, shards: Path) -
         raise InputError(f"{exc} (the evaluate stage needs held-out rows)") from exc
     if held_out == 0:
         raise InputError(f"no val rows in {shards} (the evaluate stage needs held-out rows)")
+    read_labels(labels)
 
 
 def job_arguments(args: argparse.Namespace, model_dir: Path) -> list[str]:
@@ -95,7 +99,7 @@ def stage(args: argparse.Namespace, cfg: Config) -> str:
     from opensora_core.jobs.evaluate import summary
 
     model_dir = model_dir_of(args, cfg)
-    check_inputs(model_dir, Path(args.vae), Path(args.latent_stats), Path(args.shards))
+    check_inputs(model_dir, Path(args.vae), Path(args.latent_stats), Path(args.shards), Path(args.labels))
     code = run_job(JOB, job_arguments(args, model_dir), cfg.launch)
     if code != 0:
         raise JobFailed(code, f"evaluation job of {model_dir} failed with exit code {code}")
@@ -115,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", default="models/vae/final", help="the VAE's final/ folder")
     parser.add_argument("--latent-stats", default="models/vae/latent_stats.json")
     parser.add_argument("--shards", default="data/shards", help="shard folder (its val rows are used)")
-    parser.add_argument("--labels", default="data/raw/labels.parquet", help="MovingShapes ground truth")
+    parser.add_argument(
+        "--labels",
+        default="data/raw/labels.parquet",
+        help="ground truth from ingest (no rows for a folder or CSV source: adherence is skipped)",
+    )
     parser.add_argument("--metrics", default="metrics/eval.json")
     parser.add_argument("--report-dir", default="reports/eval")
     return run_cli(parser, argv, stage)

@@ -12,6 +12,9 @@ Sources (``ingest.source``):
 
 Folder and CSV files are read where they are, never copied: the index points to them, relative
 to the project root when inside it, absolute otherwise; their split is a stable hash of the path.
+Every source writes ``labels.parquet`` (the ``evaluate`` stage's DVC dependency): for a folder
+or a CSV it has the label columns and no rows, which says "no ground truth", and evaluate then
+skips prompt adherence and reports the label-free metrics.
 Paths in the index are relative to the project root (``--root``). Every run first removes what
 an earlier run generated in the output folder. The same seed gives the same index, labels and
 stills byte for byte and the same rendered frames; libx264's SIMD code may still make two
@@ -66,8 +69,8 @@ class IngestSummary:
     out_dir: Path
     index: pd.DataFrame = field(repr=False)
     """The written index: columns ``path,text,split``."""
-    labels: pd.DataFrame | None = field(repr=False)
-    """Synthetic ground truth (one row per index row), ``None`` for other sources."""
+    labels: pd.DataFrame = field(repr=False)
+    """Synthetic ground truth (one row per index row); no rows for other sources."""
     num_videos: int
     num_images: int
     counts: dict[str, int]
@@ -80,8 +83,13 @@ class IngestSummary:
         return self.out_dir / INDEX_FILE
 
     @property
-    def labels_path(self) -> Path | None:
-        return self.out_dir / LABELS_FILE if self.labels is not None else None
+    def labels_path(self) -> Path:
+        return self.out_dir / LABELS_FILE
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the data has ground truth (synthetic data; never a user's folder or CSV)."""
+        return not self.labels.empty
 
     @property
     def num_train(self) -> int:
@@ -103,7 +111,7 @@ class IngestSummary:
 # The stage
 # --------------------------------------------------------------------------------------------
 def ingest(cfg: IngestConfig, out_dir: Path, root: Path, *, progress: bool = True) -> IngestSummary:
-    """Write ``out_dir/index.csv`` (and, for synthetic data, the clips and ``labels.parquet``).
+    """Write ``out_dir/index.csv`` and ``labels.parquet`` (and, for synthetic data, the clips).
 
     Relative ``out_dir`` and ``cfg.path`` are taken relative to ``root``, the project root.
     Raises :class:`InputError` for a missing source or a CSV without ``path``/``text``.
@@ -125,15 +133,16 @@ def ingest(cfg: IngestConfig, out_dir: Path, root: Path, *, progress: bool = Tru
     clear_outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 3. Synthetic data: render and write the clips and their labels.
+    # 3. Synthetic data: render and write the clips and their labels; user data has none.
     if index is None:
         index, labels = generate_synthetic(cfg, out_dir, root, progress=progress)
+    else:
+        labels = no_labels()
 
-    # 4. Write the index (and labels) in a fixed layout: the same rows give the same bytes.
+    # 4. Write the index and labels in a fixed layout: the same rows give the same bytes.
     index = index[INDEX_COLUMNS].reset_index(drop=True)
     index.to_csv(out_dir / INDEX_FILE, index=False, lineterminator="\n")
-    if labels is not None:
-        labels.to_parquet(out_dir / LABELS_FILE, index=False)
+    labels.to_parquet(out_dir / LABELS_FILE, index=False)
 
     num_images = int(index["path"].map(is_image_path).sum())
     return IngestSummary(
@@ -172,6 +181,11 @@ def generate_synthetic(
         rows.append({**sample.label_row(), "path": index_path_of(path, root)})
     labels = pd.DataFrame(rows, columns=list(synthetic.LABEL_COLUMNS))
     return labels[INDEX_COLUMNS].copy(), labels
+
+
+def no_labels() -> pd.DataFrame:
+    """The labels table of data without ground truth: every label column, no rows."""
+    return pd.DataFrame({column: pd.Series(dtype=object) for column in synthetic.LABEL_COLUMNS})
 
 
 def index_folder(folder: Path, root: Path, val_fraction: float) -> pd.DataFrame:
@@ -234,7 +248,7 @@ def index_path_of(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def count_rows(source: str, index: pd.DataFrame, labels: pd.DataFrame | None) -> dict[str, int]:
+def count_rows(source: str, index: pd.DataFrame, labels: pd.DataFrame) -> dict[str, int]:
     """Flat counts for tracking: rows per split, source and kind; per label for synthetic data."""
     images = int(index["path"].map(is_image_path).sum())
     counts = {
@@ -245,7 +259,7 @@ def count_rows(source: str, index: pd.DataFrame, labels: pd.DataFrame | None) ->
         "split.train": int((index["split"] == "train").sum()),
         "split.val": int((index["split"] == "val").sum()),
     }
-    if labels is not None:
+    if not labels.empty:
         for column in ("shape", "color", "motion", "background"):
             for value, n in sorted(Counter(labels[column]).items()):
                 counts[f"{column}.{value}".replace(" ", "_")] = n

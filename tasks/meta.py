@@ -3,7 +3,8 @@
     python -m tasks.meta --input data/raw/index.csv --output data/meta/meta.parquet [--num-workers N]
 
 The output table is the input's columns plus ``num_frames, height, width, aspect_ratio,
-resolution, fps, duration, codec, status, error`` (see :mod:`opensora_core.data.probe`). Rows
+resolution, fps, duration, codec, status, error, sha256`` (see :mod:`opensora_core.data.probe`;
+``sha256`` is the file's content fingerprint, so the table changes when a file's bytes do). Rows
 keep their order and none is dropped: a broken file gets a ``status`` other than ``ok`` and the
 ``validate`` stage decides what to do with it.
 

@@ -14,6 +14,11 @@ its base: tags ``lora``, ``lora.rank``, ``base.sha256`` and, for a registered ba
 weights (loading it fetches the base; :mod:`opensora_core.inference.adapters`). A base that is
 only a file keeps the merged weights in the bundle.
 
+Data without ground truth (a folder or CSV source) has null ``adherence_*`` in
+``metrics/eval.json``: the champion comparison then uses ``register.fallback_metric`` (``fvd_vae``,
+lower is better by ``register.lower_is_better``), and a gate bound on a metric that evaluate left
+null is a configuration error (exit 2) naming the key, before anything is registered.
+
 With ``register.fail_on_gate`` a failed gate ends the stage with exit code 3, after the version
 is registered and ``models/registry.json`` written.
 """
@@ -29,7 +34,7 @@ from typing import Any
 
 from opensora_core.cli import build_parser, run_cli
 from opensora_core.config import Config, config_hash
-from opensora_core.errors import GateFailed, InputError
+from opensora_core.errors import ConfigError, GateFailed, InputError
 from opensora_core.tracking import git_commit, start_stage_run, tracking_uri
 from tasks.evaluate import model_dir_of
 
@@ -48,6 +53,19 @@ def base_tags(adapter_meta: dict[str, Any]) -> dict[str, str]:
     tags = {"lora": "true", "lora.rank": str(adapter_meta.get("rank", ""))}
     tags |= {f"base.{k}": str(base[k]) for k in ("model_name", "version", "sha256", "uri") if base.get(k)}
     return tags
+
+
+def check_gate_metrics(metrics: dict[str, Any], gate: dict[str, float], gate_max: dict[str, float]) -> None:
+    """ConfigError naming ``register.gate.<metric>`` (or ``gate_max``) for a bound on a metric that
+    ``metrics/eval.json`` holds as null: evaluate did not measure it (adherence without labels)."""
+    for key, bounds in (("gate", gate), ("gate_max", gate_max)):
+        for name in bounds:
+            if name in metrics and metrics[name] is None:
+                raise ConfigError(
+                    f"register.{key}.{name}: metrics/eval.json has no value for {name} (the evaluated "
+                    "data has no ground-truth labels, so evaluate did not measure it); gate on a "
+                    "label-free metric instead (val_loss, vae_psnr, vae_ssim, fvd_vae)"
+                )
 
 
 def register(
@@ -72,6 +90,7 @@ def register(
         raise InputError(f"eval metrics not found: {eval_path} (run the evaluate stage first)")
     metrics = json.loads(eval_path.read_text())
     rcfg = cfg.register
+    check_gate_metrics(metrics, rcfg.gate, rcfg.gate_max)
     tags = {
         "git_commit": git_commit(root) or "",
         "params_hash": config_hash(cfg, exclude=("tracking", "flow")),
@@ -102,7 +121,15 @@ def register(
         client = MlflowClient(tracking_uri(cfg.tracking))
         version = mlflow.register_model(info.model_uri, rcfg.model_name, tags=tags)
         decision = apply_promotion(
-            client, rcfg.model_name, version.version, metrics, rcfg.gate, rcfg.compare_metric, rcfg.gate_max
+            client,
+            rcfg.model_name,
+            version.version,
+            metrics,
+            rcfg.gate,
+            rcfg.compare_metric,
+            rcfg.gate_max,
+            fallback_metric=rcfg.fallback_metric,
+            lower_is_better=rcfg.lower_is_better,
         )
         record = {
             "model_name": rcfg.model_name,
@@ -118,7 +145,8 @@ def register(
                 "min": dict(rcfg.gate),
                 "max": dict(rcfg.gate_max),
             },
-            "compare_metric": rcfg.compare_metric,
+            "compare_metric": decision.compare_metric,
+            "compare_metric_configured": rcfg.compare_metric,
             "candidate_value": decision.candidate_value,
             "champion_version_before": decision.champion_version,
             "champion_value_before": decision.champion_value,

@@ -11,12 +11,18 @@ the file ``truncated``.
 Images (png, jpg, webp, ...) are read with Pillow, header only (PNG chunk checksums are
 verified, which needs no decompression): one frame, no frame rate or duration.
 
+Every readable file also gets ``sha256``, the hex digest of its bytes (read in 1 MiB blocks, never
+decoded), computed by the same worker that probes it: the fingerprint travels through validate into
+the shards, so a video replaced under the same path changes the shard manifest's ``content_hash``
+(and with it the training resume key). Empty for a missing, empty or unreadable path.
+
 Every probe returns a :class:`ProbeResult`; nothing here raises on a bad file. This module
 imports neither torch nor anything heavy: the ``meta`` stage's CLI must start fast.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -43,6 +49,7 @@ META_COLUMNS = (
     "codec",
     "status",
     "error",
+    "sha256",
 )
 STATUSES = ("ok", "missing", "empty", "truncated", "unreadable", "no_video")
 # Nullable integers: a row that could not be probed has no size rather than a size of 0.
@@ -57,6 +64,7 @@ META_DTYPES = {
     "codec": "object",
     "status": "object",
     "error": "object",
+    "sha256": "object",
 }
 # Open options that keep FFmpeg's stream analysis to the header (see _open_header_only).
 HEADER_ONLY_OPEN: dict[str, dict[str, str]] = {
@@ -82,6 +90,8 @@ class ProbeResult:
     fps: float = math.nan
     duration: float = math.nan
     codec: str = ""
+    sha256: str = ""
+    """Hex SHA-256 of the file's bytes (empty when the file could not be read)."""
 
     @property
     def aspect_ratio(self) -> float:
@@ -110,6 +120,7 @@ class ProbeResult:
             "codec": self.codec,
             "status": self.status,
             "error": self.error,
+            "sha256": self.sha256,
         }
 
 
@@ -131,9 +142,20 @@ def probe_file(path: str | Path | None) -> ProbeResult:
             return ProbeResult(status="empty", error=f"{path} is empty (0 bytes)")
         if not os.access(path, os.R_OK):
             return ProbeResult(status="unreadable", error=f"{path} is not readable (permission denied)")
-        return probe_image(path) if is_image_path(path) else probe_video(path)
+        result = probe_image(path) if is_image_path(path) else probe_video(path)
+        result.sha256 = file_sha256(path)
+        return result
     except Exception as exc:  # a probe must never stop the run
         return ProbeResult(status="unreadable", error=f"probing {path} failed: {type(exc).__name__}: {exc}")
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of the bytes of ``path``, read ``block`` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def probe_video(path: Path) -> ProbeResult:

@@ -1,6 +1,6 @@
-"""Evaluation samples: the prompts (from the held-out label combinations when the data has labels),
-the samples at fixed seeds split over the ranks, and what is written of them (mp4s with their
-prompt, the frame grid, the loss and adherence plots)."""
+"""Evaluation samples: the prompts (from the held-out label combinations when the data has labels,
+else the held-out captions), the samples at fixed seeds split over the ranks, and what is written
+of them (mp4s with their prompt, the frame grid, the loss and adherence plots)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,44 @@ import numpy as np
 
 from opensora_core.config import EvaluateConfig
 from opensora_core.distributed.work import gather_to_main, merge_in_order, rank_and_world, shard_work
+from opensora_core.errors import InputError
 
 GRID_FRAMES = 5
 ADHERENCE_KEYS = ("adherence_color", "adherence_motion", "adherence_shape")
 CHANCE_KEYS = ("chance_color", "chance_motion", "chance_shape")
 
 
-def eval_prompts(labels_path: Path, rows: Any, cfg: EvaluateConfig) -> tuple[list[str], list[Any] | None]:
-    """Prompt texts and, for MovingShapes data, the attributes each asks for (else None)."""
+NO_LABELS_REASON = (
+    "{path} has no rows: the data has no ground truth (a folder or CSV source), so prompt "
+    "adherence is not measured and adherence_*/chance_* are null"
+)
+
+
+def read_labels(labels_path: Path) -> Any:
+    """The ingest stage's ``labels.parquet`` (no rows for data without ground truth); InputError
+    naming the file when it is missing or unreadable."""
     import pandas as pd
 
+    if not labels_path.is_file():
+        raise InputError(
+            f"labels table {labels_path} not found (the ingest stage writes it for every source; "
+            "run it first, or pass --labels)"
+        )
+    try:
+        return pd.read_parquet(labels_path)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise InputError(f"cannot read labels table {labels_path}: {exc}") from exc
+
+
+def eval_prompts(labels: Any, rows: Any, cfg: EvaluateConfig) -> tuple[list[str], list[Any] | None]:
+    """Prompt texts and, for labelled (MovingShapes) data, the attributes each asks for.
+
+    ``labels`` without rows (user data): the held-out rows' own captions in turn, and None.
+    """
     from opensora_core.evaluation.adherence import build_adherence_prompts
 
-    if labels_path.is_file():
-        prompts = build_adherence_prompts(
-            pd.read_parquet(labels_path), cfg.num_prompts, cfg.seed, split=cfg.adherence_split
-        )
+    if not labels.empty:
+        prompts = build_adherence_prompts(labels, cfg.num_prompts, cfg.seed, split=cfg.adherence_split)
         return [p.text for p in prompts], prompts
     texts = [str(t) for t in rows["text"]]
     return [texts[i % len(texts)] for i in range(cfg.num_prompts)], None
@@ -113,7 +135,8 @@ def write_plots(metrics: dict[str, Any], report_dir: Path) -> list[Path]:
     chance = [metrics.get(f"chance_{a}") or 0.0 for a in attrs]
     axes[1].bar(attrs, scores, label="generated")
     axes[1].scatter(attrs, chance, color="black", marker="_", s=400, label="chance", zorder=3)
-    axes[1].set(ylim=(0, 1), title="prompt adherence")
+    measured = any(metrics.get(k) is not None for k in ADHERENCE_KEYS)
+    axes[1].set(ylim=(0, 1), title="prompt adherence" if measured else "prompt adherence: no labels")
     axes[1].legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     png = report_dir / "metrics.png"

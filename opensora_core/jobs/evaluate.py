@@ -9,8 +9,15 @@
    loss at the fixed times ``evaluate.val_timesteps`` (noise drawn per row and time from fixed
    seeds), overall, per time and per bucket; the VAE's reconstruction PSNR/SSIM on the same clips
    (whole, at their own size, with the VAE stage's helpers);
-3. samples for prompts built from the held-out label combinations at seeds ``seed + i``;
-4. prompt adherence measured from the samples' pixels (colour, motion, shape);
+3. samples at seeds ``seed + i`` for prompts built from the held-out label combinations, or,
+   when ``labels.parquet`` has no rows (a user's folder or CSV: no ground truth), for the
+   held-out rows' own captions;
+4. prompt adherence measured from the samples' pixels (colour, motion, shape), only with labels
+   (else ``adherence_*``/``chance_*`` are null and the log and the MLflow tag
+   ``adherence_skipped`` say why); and for every dataset ``fvd_vae``, the Fréchet distance
+   between the samples and the held-out clips in the VAE's latent space (lower is better;
+   :mod:`opensora_core.evaluation.frechet`: not the I3D FVD of the literature, so not
+   comparable with published figures), computed on rank 0;
 5. rank 0 writes ``metrics/eval.json`` and ``reports/eval/`` (``samples/`` mp4s with a ``.txt``
    beside each, ``grid.png``, ``adherence.csv``, ``val_loss_by_t.csv``, ``metrics.png``) and logs
    all of it to MLflow.
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -48,9 +56,11 @@ from opensora_core.errors import InputError
 from opensora_core.evaluation.samples import (
     ADHERENCE_KEYS,
     CHANCE_KEYS,
+    NO_LABELS_REASON,
     eval_prompts,
     generate_samples,
     make_grid,
+    read_labels,
     write_plots,
     write_samples,
 )
@@ -63,6 +73,8 @@ from opensora_core.evaluation.val_loss import pool_val_losses as pool_val_losses
 from opensora_core.evaluation.val_loss import vae_scores, val_losses, val_rows
 from opensora_core.jobs.common import job_entrypoint
 from opensora_core.tracking import NullRun, flatten
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,12 +103,14 @@ def evaluate(
     import torch
 
     from opensora_core.evaluation.adherence import measure_clip, score_adherence
+    from opensora_core.evaluation.frechet import fvd_vae, read_real_clips
     from opensora_core.inference import T2VPipeline
 
     ecfg = cfg.evaluate
     for path in (model_dir, vae_dir, latent_stats, shards_dir):
         if not path.exists():
             raise InputError(f"evaluate input not found: {path}")
+    labels = read_labels(labels_path)
     rank, _ = rank_and_world()
     progress = progress and rank == 0
     start = time.perf_counter()
@@ -110,7 +124,7 @@ def evaluate(
     loss_seconds = time.perf_counter() - start
 
     # 2. samples at fixed seeds
-    texts, prompts = eval_prompts(labels_path, rows, ecfg)
+    texts, prompts = eval_prompts(labels, rows, ecfg)
     seeds = [ecfg.seed + i for i in range(len(texts))]
     videos = generate_samples(pipeline, texts, seeds, ecfg, progress)
     if rank != 0:
@@ -118,14 +132,22 @@ def evaluate(
     assert losses is not None and scores is not None and videos is not None  # rank 0 gathered them
     metrics = {**losses, **scores}
 
-    # 3. adherence from the pixels
-    measurements = None
+    # 3. adherence from the pixels (labelled data only), distance to the real clips (any data)
+    measurements, tags = None, {}
     if prompts is not None:
         measurements = [measure_clip(v) for v in videos]
         metrics.update(score_adherence(prompts, measurements))
     else:
+        tags["adherence_skipped"] = NO_LABELS_REASON.format(path=labels_path)
+        log.warning("evaluate: %s", tags["adherence_skipped"])
         metrics.update({k: None for k in (*ADHERENCE_KEYS, *CHANCE_KEYS)})
         metrics["num_samples"] = len(videos)
+    real = read_real_clips(rows, root)
+    with torch.no_grad():
+        metrics["fvd_vae"], tags["fvd_vae"] = fvd_vae(pipeline.vae, videos, real)
+    metrics["fvd_vae_real_clips"] = len(real)
+    if metrics["fvd_vae"] is None:
+        log.warning("evaluate: %s", tags["fvd_vae"])
 
     # 4. reports and metrics
     write_reports(report_dir, pipeline, model_dir, ecfg, videos, texts, seeds, prompts, measurements, metrics)
@@ -137,7 +159,7 @@ def evaluate(
         scalars = {k: v for k, v in flatten(metrics).items() if isinstance(v, int | float)}
         seconds = time.perf_counter() - start
         run.log_metrics({**scalars, "eval_seconds": seconds, "val_loss_seconds": loss_seconds})
-        run.set_tags({"evaluated_model": str(model_dir), "world_size": rank_and_world()[1]})
+        run.set_tags({"evaluated_model": str(model_dir), "world_size": rank_and_world()[1], **tags})
         run.log_artifact(metrics_path)
         run.log_artifact(report_dir, "eval")
     return metrics
@@ -187,8 +209,12 @@ def _rounded(data: Any, digits: int = 6) -> Any:
 
 
 def summary(metrics: dict[str, Any]) -> str:
-    """One line: val loss, VAE PSNR and the adherence scores of ``metrics/eval.json``."""
+    """One line: val loss, VAE PSNR, fvd_vae and the adherence scores of ``metrics/eval.json``."""
     parts = [f"val_loss {metrics['val_loss']:.4f}", f"vae_psnr {metrics['vae_psnr']:.2f}"]
+    if metrics.get("fvd_vae") is not None:
+        parts.append(f"fvd_vae {metrics['fvd_vae']:.4g}")
+    if all(metrics.get(key) is None for key in ADHERENCE_KEYS):
+        parts.append("no adherence (no labels)")
     for key in ADHERENCE_KEYS:
         if metrics.get(key) is not None:
             parts.append(f"{key.removeprefix('adherence_')} {metrics[key]:.2f}")
@@ -206,7 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae", type=Path, default=Path("models/vae/final"))
     p.add_argument("--latent-stats", type=Path, default=Path("models/vae/latent_stats.json"))
     p.add_argument("--shards", type=Path, default=Path("data/shards"))
-    p.add_argument("--labels", type=Path, default=Path("data/raw/labels.parquet"))
+    p.add_argument(
+        "--labels", type=Path, default=Path("data/raw/labels.parquet"), help="ground truth (may have no rows)"
+    )
     p.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
     p.add_argument("--report-dir", type=Path, default=Path("reports/eval"))
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

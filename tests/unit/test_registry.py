@@ -110,3 +110,51 @@ def test_a_worse_model_does_not_take_champion(client) -> None:
     assert get_alias_version(client, "t2v", CHAMPION).version == v4
     assert get_alias_version(client, "t2v", CANDIDATE).version == v4
     assert aliases_of(client, "t2v", v1) == []
+
+
+NO_LABELS = {"vae_psnr": 25.0, "val_loss": 1.0, "adherence_color": None, "fvd_vae": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("champion", "promote", "reason"),
+    [
+        (
+            {"adherence_color": 0.5, "fvd_vae": 3.0},
+            True,
+            "no adherence_color, compared on fvd_vae; fvd_vae 2 beats",
+        ),
+        ({"adherence_color": 0.5, "fvd_vae": 1.0}, False, "fvd_vae 2 does not beat champion v1's 1 (lower"),
+        (
+            {"adherence_color": 0.5},
+            True,
+            "no adherence_color, compared on fvd_vae; passed the gate; champion",
+        ),
+    ],
+)
+def test_data_without_labels_is_compared_on_the_fallback_lower_is_better(champion, promote, reason) -> None:
+    d = decide_promotion(
+        NO_LABELS, GATE, "adherence_color", champion, "1", GATE_MAX,
+        fallback_metric="fvd_vae", lower_is_better=["fvd_vae"],
+    )  # fmt: skip
+    assert d.promote is promote and d.compare_metric == "fvd_vae"
+    assert reason in d.reason
+
+
+def test_without_a_fallback_a_candidate_without_the_metric_is_not_promoted() -> None:
+    d = decide_promotion(NO_LABELS, GATE, "adherence_color", {"adherence_color": 0.5}, "1", GATE_MAX)
+    assert not d.promote and d.compare_metric == "adherence_color"
+    assert "candidate has no adherence_color" in d.reason
+    # a candidate that has the compare metric ignores the fallback
+    labelled = {**NO_LABELS, "adherence_color": 0.7}
+    d = decide_promotion(labelled, GATE, "adherence_color", {"adherence_color": 0.5}, "1", GATE_MAX,
+                         fallback_metric="fvd_vae", lower_is_better=["fvd_vae"])  # fmt: skip
+    assert d.promote and d.compare_metric == "adherence_color" and "compared on" not in d.reason
+
+
+def test_a_gate_on_a_metric_evaluate_left_null_names_the_key() -> None:
+    from opensora_core.errors import ConfigError
+    from tasks.register import check_gate_metrics
+
+    check_gate_metrics(NO_LABELS, {"vae_psnr": 1.0}, {"fvd_vae": 10.0})  # label-free bounds: fine
+    with pytest.raises(ConfigError, match=r"register\.gate\.adherence_color: .*no ground-truth labels"):
+        check_gate_metrics(NO_LABELS, {"adherence_color": 0.3}, {})

@@ -109,3 +109,25 @@ def test_grid_has_one_row_per_video() -> None:
     grid = make_grid(videos, frames_per_row=4, gap=2)
     assert grid.shape == (3 * 8 + 2 * 2, 4 * 10 + 3 * 2, 3)
     assert grid[0, 0, 0] == 0 and grid[10, 0, 0] == 50 and grid[8, 0, 0] == 255
+
+
+def test_data_without_labels_skips_adherence_and_reports_fvd_vae(project, tmp_path, caplog) -> None:
+    from tasks.ingest import no_labels
+
+    root, models = project
+    empty = tmp_path / "labels.parquet"
+    no_labels().to_parquet(empty, index=False)
+    args = (models["diffusion"], models["vae"], models["latent_stats"], root / "data/shards")
+    with caplog.at_level("WARNING"):
+        metrics = evaluate(
+            small_config(), *args, empty, tmp_path / "m.json", tmp_path / "r", root=root, progress=False
+        )
+    assert all(metrics[k] is None for k in DESIGN_KEYS if k.startswith(("adherence", "chance")))
+    assert "no ground truth" in caplog.text and not (tmp_path / "r/adherence.csv").exists()
+    # the label-free metrics, and the distance of 2 samples to the held-out clips in the VAE's latents
+    assert math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["vae_psnr"])
+    assert metrics["fvd_vae"] > 0 and metrics["fvd_vae_real_clips"] == 3
+    assert json.loads((tmp_path / "m.json").read_text())["fvd_vae"] == metrics["fvd_vae"]
+
+    with pytest.raises(InputError, match=r"labels table .*nothing\.parquet not found"):
+        evaluate(small_config(), *args, tmp_path / "nothing.parquet", tmp_path / "m2.json", tmp_path / "r2")

@@ -150,9 +150,12 @@ def test_folder_source_indexes_in_place(tmp_path):
     assert list(index["split"]) == [
         hash_split(k, 0.5) for k in ("a.mp4", "sub dir/crème brûlée 1.mp4", "sub dir/still.png")
     ]
-    # Nothing copied, no synthetic labels.
-    assert sorted(p.name for p in (tmp_path / "data/raw").iterdir()) == ["index.csv"]
-    assert summary.labels is None and summary.num_videos == 2 and summary.num_images == 1
+    # Nothing copied; a labels table with the label columns and no rows: no ground truth.
+    assert sorted(p.name for p in (tmp_path / "data/raw").iterdir()) == ["index.csv", "labels.parquet"]
+    labels = pd.read_parquet(tmp_path / "data/raw/labels.parquet")
+    assert labels.empty and {"path", "split", "kind", "shape", "color", "motion"} <= set(labels.columns)
+    assert not summary.has_labels and summary.num_videos == 2 and summary.num_images == 1
+    assert "val_combos" not in summary.counts
     assert str(summary).startswith("2 videos + 1 images (folder), ")
 
 
@@ -189,6 +192,7 @@ def test_csv_source_resolves_relative_paths_against_the_csv(tmp_path):
     ]
     assert list(index["text"]) == ["first, with a comma", "deuxième", "absolute", ""]
     assert summary.num_videos == 4
+    assert pd.read_parquet(summary.labels_path).empty and not summary.has_labels
 
 
 @pytest.mark.parametrize(

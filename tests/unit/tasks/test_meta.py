@@ -140,3 +140,37 @@ def test_cli_imports_nothing_heavy_and_logs_to_mlflow_in_a_child(project: Path) 
     with sqlite3.connect(project / "mlflow.db") as db:
         metrics = dict(db.execute("SELECT key, value FROM latest_metrics").fetchall())
     assert metrics["rows"] == 6 and metrics["status_ok"] == 3 and metrics["rows_per_s"] > 0
+
+
+def test_content_fingerprint_follows_the_bytes_into_the_shard_manifest(project: Path) -> None:
+    import hashlib
+
+    from opensora_core.config import ShardConfig
+    from opensora_core.data.shards import write_shards
+
+    cfg = MetaConfig(num_workers=0, progress=False)
+
+    def manifest_hash(tag: str) -> tuple[pd.DataFrame, str]:
+        meta("data/raw/index.csv", f"data/meta/{tag}.parquet", cfg)
+        table = pd.read_parquet(f"data/meta/{tag}.parquet")
+        ok = table[table["status"] == "ok"].reset_index(drop=True)
+        write_shards(ok, f"data/shards-{tag}", ShardConfig(rows_per_shard=2), progress=False)
+        return table, json.loads(Path(f"data/shards-{tag}/manifest.json").read_text())["content_hash"]
+
+    first, hash_first = manifest_hash("a")
+    assert first.loc[0, "sha256"] == hashlib.sha256(Path("data/raw/clip0.mp4").read_bytes()).hexdigest()
+    assert first["sha256"].tolist()[1] == "" and first["sha256"].tolist()[3] == ""  # empty, missing
+    assert first.loc[2, "sha256"] == hashlib.sha256(Path("data/raw/still.png").read_bytes()).hexdigest()
+
+    again, hash_again = manifest_hash("b")  # same bytes: same fingerprints, same shards
+    assert again["sha256"].tolist() == first["sha256"].tolist() and hash_again == hash_first
+
+    # a user replaces clip0's content under the same path, same size, length and rate
+    replaced = 255 - frames(17, 48, 64)
+    write_video(Path("data/raw/clip0.mp4"), replaced, 12, faststart=True)
+    after, hash_after = manifest_hash("c")
+    probed = [c for c in META_COLUMNS if c != "sha256"]
+    assert after.loc[0, probed].tolist() == first.loc[0, probed].tolist()  # the probe alone sees no change
+    assert after.loc[0, "sha256"] != first.loc[0, "sha256"]
+    assert after["sha256"].tolist()[1:] == first["sha256"].tolist()[1:]
+    assert hash_after != hash_first
