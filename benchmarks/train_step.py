@@ -33,6 +33,10 @@ Optimisations, each switchable for on/off rows (``benchmarks/gpu_suite.py`` runs
 block), ``--adamw`` (fused / foreach / loop), ``--checkpoint-blocks`` (activation checkpointing
 policy), ``--bucket-mb`` and ``--no-overlap`` (ZeRO-2 reduce buckets and communication overlap).
 ``--json PATH`` writes the raw figures and settings of the run.
+
+``--lora`` (``--lora-rank``, ``--lora-alpha``) trains LoRA adapters on the default targets with the
+base frozen (``opensora_core.models.lora.apply_lora``), for the full-vs-LoRA memory and throughput
+rows; the JSON names the trainable parameter count.
 """
 
 from __future__ import annotations
@@ -86,6 +90,9 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=2, help="untimed steps before counting and timing")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--plugin", default="none", choices=["none", "ddp", "zero2"])
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters only (the base frozen)")
+    g.add_argument("--lora-rank", type=int, default=4, help="LoRA rank with --lora")
+    g.add_argument("--lora-alpha", type=float, default=4.0, help="LoRA alpha with --lora")
 
 
 def add_optimisation_args(p: argparse.ArgumentParser) -> None:
@@ -126,6 +133,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--plugin zero2 needs CUDA (ColossalAI's LowLevelZeroPlugin); use none or ddp on CPU")
     if args.plugin == "zero2" and args.dtype == "fp32":
         p.error("--plugin zero2 trains in bf16 or fp16 over fp32 master weights: pass --dtype bf16")
+    if args.lora and args.lora_rank < 1:
+        p.error(f"--lora-rank must be >= 1, got {args.lora_rank}")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
 
@@ -190,9 +199,14 @@ def build_training(
     model = build_mmdit(
         args.size, device=device, checkpoint_blocks=args.checkpoint_blocks, fused_qkv=args.fused_qkv
     )
+    if args.lora:  # adapters on the default targets; the base is frozen, so AdamW holds no state for it
+        from opensora_core.config import LoraConfig
+        from opensora_core.models.lora import apply_lora
+
+        apply_lora(model, LoraConfig(enabled=True, rank=args.lora_rank, alpha=args.lora_alpha))
     if args.plugin != "zero2":  # zero2 keeps fp32 master weights and casts its working copy itself
         model = model.to(dtype=DTYPES[args.dtype])
-    optimizer = build_adamw(model.parameters(), args.adamw, device)
+    optimizer = build_adamw((p for p in model.parameters() if p.requires_grad), args.adamw, device)
     if args.plugin == "none":
         return model, model, optimizer, lambda loss: loss.backward()
 
@@ -308,6 +322,8 @@ def summarize(
         "world_size": world,
         "size": args.size,
         "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lora_rank": args.lora_rank if args.lora else 0,
         "plugin": args.plugin,
         "dtype": args.dtype,
         "batch": args.batch,
@@ -366,7 +382,7 @@ def format_row(result: dict[str, Any]) -> dict[str, str]:
         "device": result["device"] + (f" x{world}" if world > 1 else ""),
         "size": result["size"],
         "params": f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M",
-        "plugin": result["plugin"],
+        "plugin": result["plugin"] + (f" +LoRA r{result['lora_rank']}" if result["lora_rank"] else ""),
         "dtype": result["dtype"],
         "batch": str(result["batch"]),
         "img tokens": str(result["img_tokens"]),
