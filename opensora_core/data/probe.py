@@ -22,7 +22,6 @@ imports neither torch nor anything heavy: the ``meta`` stage's CLI must start fa
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -35,7 +34,7 @@ import av
 import pandas as pd
 from PIL import Image
 
-from opensora_core.data.video_io import is_image_path
+from opensora_core.data.video_io import file_sha256, is_image_path
 
 # Output columns, in order, added to the input table by the meta stage.
 META_COLUMNS = (
@@ -147,15 +146,6 @@ def probe_file(path: str | Path | None) -> ProbeResult:
         return result
     except Exception as exc:  # a probe must never stop the run
         return ProbeResult(status="unreadable", error=f"probing {path} failed: {type(exc).__name__}: {exc}")
-
-
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    """Hex SHA-256 of the bytes of ``path``, read ``block`` bytes at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def probe_video(path: Path) -> ProbeResult:

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from opensora_core.config import ShardConfig
+from opensora_core.data.video_io import file_sha256
 from opensora_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,6 @@ BUCKET_ROWS = 200_000
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def row_hashes(table: pd.DataFrame) -> np.ndarray:
