@@ -95,6 +95,10 @@ class MMDiTConfig:
 MMDIT_SIZES: dict[str, MMDiTConfig] = {
     "tiny": MMDiTConfig(),
     "small": MMDiTConfig(hidden_size=256, num_heads=8),
+    # The tiny transformer on the 1B's inputs (16 latent channels, T5 4096 / CLIP 768 text widths):
+    # runs the GPU profile's encoders and caches on CPU (benchmarks/gpu_suite.py fills its latent
+    # cache with it; the cache key does not depend on the model).
+    "tiny-1b-io": MMDiTConfig(in_channels=64, vec_in_dim=768, context_in_dim=4096),
     "1B": MMDiTConfig(
         in_channels=64,
         vec_in_dim=768,

@@ -116,6 +116,10 @@ def test_named_sizes():
     assert (one_b.config.hidden_size, one_b.config.num_heads) == (1536, 12)
     assert (len(one_b.double_blocks), len(one_b.single_blocks)) == (8, 16)
     assert sum(p.numel() for p in one_b.parameters()) == pytest.approx(1.26e9, rel=0.01)
+    io = get_mmdit_config("tiny-1b-io")  # the tiny transformer on the 1B's input widths
+    widths = ("in_channels", "vec_in_dim", "context_in_dim", "patch_size")
+    assert [getattr(io, k) for k in widths] == [getattr(one_b.config, k) for k in widths]
+    assert io.hidden_size == tiny.hidden_size and io.depth == tiny.depth
     assert get_mmdit_config("tiny", depth=1).depth == 1
     with pytest.raises(ConfigError, match="known sizes"):
         get_mmdit_config("huge")
