@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE = "ci.yaml"
@@ -59,7 +60,19 @@ class Project:
         return self.run(sys.executable, "-m", "dvc", *args, **kwargs)
 
 
+def pipeline_outputs(root: Path) -> list[str]:
+    """Every path dvc.yaml's stages write (outs, metrics, plots), as written there."""
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    paths = []
+    for stage in stages.values():
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            paths.append(entry if isinstance(entry, str) else next(iter(entry)))
+    return paths
+
+
 def tracked_files(root: Path) -> list[str]:
+    """Files git tracks or would add (not ignored), less the pipeline's own outputs: the small
+    metrics and reports committed beside dvc.lock belong to a run, not to a fresh copy."""
     out = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=root,
@@ -67,7 +80,12 @@ def tracked_files(root: Path) -> list[str]:
         text=True,
         check=True,
     )
-    return [p for p in out.stdout.split("\0") if p]
+    outputs = pipeline_outputs(root)
+    return [
+        p
+        for p in out.stdout.split("\0")
+        if p and not any(p == o or p.startswith(o.rstrip("/") + "/") for o in outputs)
+    ]
 
 
 def make_project_copy(dest: Path, profile: str = PROFILE) -> Project:

@@ -1,15 +1,18 @@
-"""The evaluate and register stages against a real MLflow tracking server on loopback.
+"""A training stage, evaluate and register against a real MLflow tracking server on loopback.
 
 ``mlflow server --backend-store-uri sqlite:///... --artifacts-destination FOLDER`` runs on a free
 127.0.0.1 port; the stage CLIs see it only through ``MLFLOW_TRACKING_URI=http://127.0.0.1:P``.
-The project copy holds tiny trained-model folders (no training here, to keep the test short), so
-evaluate runs its real torchrun job and register logs and registers the real pyfunc model. A fresh
-process then generates a video from ``models:/opensora-t2v@champion`` through ``tasks.sample``.
+The project copy holds tiny trained-model folders (so evaluate needs no trained pipeline before
+it): evaluate runs its real torchrun job and register logs and registers the real pyfunc model. A
+fresh process then generates a video from ``models:/opensora-t2v@champion`` through
+``tasks.sample``. Last, the micro ``diffusion_stage1`` (4 steps, a torchrun job) trains on the
+copy's shards and logs its loss history, loss CSV and sample grid PNG to the server.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import urllib.request
@@ -91,7 +94,11 @@ def test_stages_track_and_register_on_a_server_and_champion_loads_from_it(
     frames, _ = read_video(videos[0])
     assert frames.shape[0] >= 1 and frames.shape[-1] == 3
 
-    # 3. what the server holds: proxied artifact locations only, both stage runs, the champion
+    # 3. a training stage (torchrun, rank 0 logs) on the copy's shards, after the champion was used
+    project.python("-m", "tasks.diffusion_train", "--stage", "stage1", env=env)
+    loss_rows = (project.root / "metrics/diffusion_stage1_loss.csv").read_text().splitlines()[1:]
+
+    # 4. what the server holds: proxied artifact locations only, both stage runs, the champion
     client = MlflowClient(tracking_uri=mlflow_server["uri"])
     experiments = client.search_experiments()
     assert experiments
@@ -101,12 +108,19 @@ def test_stages_track_and_register_on_a_server_and_champion_loads_from_it(
     assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")
     runs = client.search_runs([exp.experiment_id])
     by_stage = {r.data.tags.get("stage", r.info.run_name): r for r in runs}
-    assert {"evaluate", "register"} <= set(by_stage), sorted(by_stage)
+    assert {"evaluate", "register", "diffusion_stage1"} <= set(by_stage), sorted(by_stage)
     evaluate_run = by_stage["evaluate"]
     metrics = json.loads((project.root / "metrics/eval.json").read_text())
     assert evaluate_run.data.metrics["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
     champion = client.get_model_version_by_alias("opensora-t2v", "champion")
     assert champion.run_id == record["run_id"] == by_stage["register"].info.run_id
+    train_run = by_stage["diffusion_stage1"]
+    history = client.get_metric_history(train_run.info.run_id, "loss")
+    assert [m.step for m in history] == [int(row.split(",")[0]) for row in loss_rows]  # log_every 2
+    assert all(math.isfinite(m.value) for m in history) and "final_loss" in train_run.data.metrics
+    logged = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    samples = {a.path for a in client.list_artifacts(train_run.info.run_id, "samples")}
+    assert "diffusion_stage1_loss.csv" in logged and any(s.endswith(".png") for s in samples), logged
 
     # The files went to the server's --artifacts-destination, none to a local mlartifacts/.
     stored = {p.name for p in mlflow_server["artifacts"].rglob("*") if p.is_file()}

@@ -3,7 +3,7 @@
 Writes under ``root``::
 
     models/vae/final/model.safetensors + model.json      (VideoAutoencoder.save)
-    models/vae/latent_stats.json
+    models/vae/latent_stats.json                         (with the weights' vae_sha256)
     models/diffusion/<stage>/final/                     model.safetensors, ema.safetensors,
                                                          mmdit_config.json, config.json, text_encoder.json
 
@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from opensora_core.config import Config, IngestConfig, ShardConfig
 from opensora_core.data.shards import write_shards
+from opensora_core.data.video_io import file_sha256
 from opensora_core.models.mmdit.model import build_mmdit
 from opensora_core.models.text.encoders import TextEncoderConfig
 from opensora_core.models.vae.model import VaeModelConfig, build_vae
@@ -41,7 +42,15 @@ def write_tiny_models(
     stats = root / "models" / "vae" / "latent_stats.json"
     channels = vae.latent_channels
     stats.write_text(
-        json.dumps({"mean": [0.0] * channels, "std": [1.0] * channels, "scale": 1.0, "shift": 0.0})
+        json.dumps(
+            {
+                "mean": [0.0] * channels,
+                "std": [1.0] * channels,
+                "scale": 1.0,
+                "shift": 0.0,
+                "vae_sha256": file_sha256(vae_dir / "model.safetensors"),  # as vae_stats writes it
+            }
+        )
     )
 
     final = root / "models" / "diffusion" / stage / "final"
