@@ -244,7 +244,8 @@ def clips_per_val_combo(num_clips: int, val_combos: int) -> int:
         return 0
     if num_clips < 2 * val_combos:
         raise ConfigError(
-            f"ingest.num_clips={num_clips} is too small for ingest.val_combos={val_combos}: "
+            f"ingest.num_clips={num_clips} is too small for {val_combos} held-out combinations "
+            "(ingest.val_combos and ingest.val_pairs): "
             f"need at least {2 * val_combos} clips (every held-out combination gets clips, "
             "and val stays at most half)"
         )
@@ -265,7 +266,7 @@ def plan_samples(cfg: IngestConfig) -> list[ShapeSample]:
     rng = np.random.default_rng([cfg.seed, 1])
 
     # 1. Combinations of the clips: the held-out ones, then shuffled rounds of the others.
-    per_val = clips_per_val_combo(cfg.num_clips, cfg.val_combos)
+    per_val = clips_per_val_combo(cfg.num_clips, len(val))
     clip_combos = [c for c in val for _ in range(per_val)]
     while len(clip_combos) < cfg.num_clips:
         need = cfg.num_clips - len(clip_combos)

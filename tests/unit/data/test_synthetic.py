@@ -137,6 +137,9 @@ def test_val_pairs_keep_a_word_and_a_shape_apart_in_training():
     # the words themselves still train, with the other shapes
     assert any(s.color == "red" for s in train) and any(s.motion == "up" for s in train)
     assert {s.combo for s in samples if s.split == "val" and s.kind == "clip"} == held
+    assert sum(s.split == "val" for s in samples if s.kind == "clip") >= 2 * len(held)  # 2 clips each
+    with pytest.raises(ConfigError, match=r"num_clips=9 is too small for 5 held-out"):
+        plan_samples(small_cfg(num_clips=9, val_combos=0, val_pairs=["red circle"]))
     # no pairs: the same draw as before
     assert held_out_combos(4, 3, []) == held_out_combos(4, 3)
 
