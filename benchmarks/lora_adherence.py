@@ -135,9 +135,7 @@ def finetune_data(out: Path, pairs: list[str], clips: int, ingest_keys: dict[str
     )
     labels = pd.read_parquet(draw / "raw" / "labels.parquet")
     held = labels[labels["split"] == "val"]
-    table = pd.DataFrame(
-        {"path": [str((draw / "raw" / p).resolve()) for p in held["path"]], "text": held["text"]}
-    )
+    table = pd.DataFrame({"path": [str((ROOT / p).resolve()) for p in held["path"]], "text": held["text"]})
     table.to_csv(out / "finetune.csv", index=False)
     shards = build_data(out, {"source": "csv", "path": str(out / "finetune.csv"), "val_fraction": 0.0})
     return shards, len(table)
@@ -379,23 +377,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae", type=Path, default=ROOT / "models" / "vae" / "final", help="a trained VAE (make run)"
     )
     p.add_argument("--latent-stats", type=Path, default=ROOT / "models" / "vae" / "latent_stats.json")
-    p.add_argument("--ft-steps", type=int, default=400, help="optimiser steps of the LoRA stage")
+    p.add_argument(
+        "--ft-steps", type=int, default=0, help="optimiser steps of the LoRA stage (0: 400; tiny 3)"
+    )
     p.add_argument(
         "--rank", type=int, default=0, help="LoRA rank (0: params/finetune.yaml's, alpha scaled with it)"
     )
     p.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (0: params/finetune.yaml's)")
     p.add_argument("--seeds", default="1024,2048", help="sampling seeds, comma-separated (>= 2)")
     p.add_argument(
-        "--prompts", type=int, default=32, help="prompts per split (the held-out combinations in turn)"
+        "--prompts", type=int, default=0, help="prompts per split, the combinations in turn (0: 32; tiny 4)"
     )
     p.add_argument("--num-steps", type=int, default=0, help="sampler steps (0: evaluate.num_steps)")
-    p.add_argument("--splits", default="val,train", help="val (held out) and/or train (seen, a control)")
+    p.add_argument(
+        "--splits", default="", help="val (held out) and/or train (seen, a control); default both (tiny: val)"
+    )
     p.add_argument("--reuse-base", action="store_true", help="keep a base this --out already trained")
     p.add_argument("--tiny", action="store_true", help="micro sizes for the test (meaningless figures)")
     args = p.parse_args(argv)
     args.pairs = [x.strip() for x in args.pairs.split(",") if x.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.splits = [s.strip() for s in args.splits.split(",")]
+    args.ft_steps = args.ft_steps or (3 if args.tiny else 400)
+    args.prompts = args.prompts or (4 if args.tiny else 32)
+    args.splits = [s.strip() for s in (args.splits or ("val" if args.tiny else "val,train")).split(",")]
     if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds needs at least two different seeds, got {args.seeds}")
     if not args.splits or set(args.splits) - {"val", "train"}:
