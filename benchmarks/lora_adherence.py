@@ -421,6 +421,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluate = load_config(ROOT / "params.yaml").evaluate
     num_steps = args.num_steps or (2 if args.tiny else evaluate.num_steps)
     timings: dict[str, float] = {}
+    for path in () if args.tiny else (args.vae, args.latent_stats):  # before any work
+        if not path.exists():
+            print(
+                f"error: not found: {path} (run `make run` first, or pass --vae and --latent-stats)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
     try:
         # 1. the base's data, with the pairs held out
         start = time.perf_counter()
@@ -434,9 +441,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ft_shards, ft_clips = finetune_data(out / "ft" / "data", args.pairs, sizing.ft_clips, sizing.ingest)
         timings["data_s"] = time.perf_counter() - start
         vae, stats = (args.vae, args.latent_stats) if not args.tiny else untrained_vae(out, base_shards)
-        for path in (vae, stats):
-            if not path.exists():
-                sys.exit(f"not found: {path} (run `make run` first, or pass --vae and --latent-stats)")
 
         # 2. the base, stage after stage (kept with --reuse-base when its pairs match)
         base_params = write_params(
@@ -487,8 +491,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base_final, adapter, vae, stats, out / "base" / "data" / "raw" / "labels.parquet",
             args.splits, args.seeds, args.prompts, num_steps, evaluate.guidance, evaluate.batch_size,
         )  # fmt: skip
-    except StageError as exc:
-        sys.exit(f"error: {exc}")
+    except StageError as exc:  # bad pairs, paths or data: the stage's message and exit code (2 for input)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
     # 5. reports
     adapter_meta = json.loads((adapter / "adapter.json").read_text())

@@ -95,3 +95,14 @@ def test_one_seed_is_refused_before_any_work(tmp_path: Path) -> None:
     )
     assert done.returncode == 2 and "--seeds needs at least two" in done.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_bad_pair_and_missing_vae_exit_2_naming_them(tmp_path: Path) -> None:
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), *extra]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    bad = run("--tiny", "--pairs", "purple circle")
+    assert bad.returncode == 2 and "ingest.val_pairs" in bad.stderr and "'purple circle'" in bad.stderr
+    missing = run("--vae", str(tmp_path / "no-vae"), "--latent-stats", str(tmp_path / "no.json"))
+    assert missing.returncode == 2 and "no-vae" in missing.stderr
