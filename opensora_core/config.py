@@ -71,6 +71,10 @@ class IngestConfig:
     """Synthetic: frame rates, drawn uniformly."""
     val_combos: int = 6
     """Synthetic: number of (shape, colour, motion) combinations held out whole as ``val``."""
+    val_pairs: list[str] = field(default_factory=list)
+    """Synthetic: ``"WORD SHAPE"`` pairs held out as ``val`` on top of ``val_combos``: WORD is a
+    colour or a motion (``"red circle"``, ``"up triangle"``), and every combination holding both
+    words is ``val``, so training never shows that colour or motion together with that shape."""
     seed: int = 0
     """Synthetic: seed of the generator; the same seed writes the same clips."""
 
@@ -95,6 +99,12 @@ class IngestConfig:
             raise ConfigError(f"ingest.fps must be positive, got {self.fps}")
         if self.val_combos < 0:
             raise ConfigError(f"ingest.val_combos must be >= 0, got {self.val_combos}")
+        if not isinstance(self.val_pairs, list) or not all(
+            isinstance(p, str) and len(p.split()) == 2 for p in self.val_pairs
+        ):
+            raise ConfigError(
+                f"ingest.val_pairs must be a list of 'WORD SHAPE' strings, got {self.val_pairs!r}"
+            )
 
 
 META_ENGINES = ("pandarallel", "ray")

@@ -8,7 +8,8 @@ Captions name the colour, the shape, the motion (clips) and the background in va
 Every decision is drawn up front by :func:`plan_samples` from the seed, so rendering is a pure
 function of a :class:`ShapeSample` and the same seed renders the same frames. Whole
 (shape, colour, motion) combinations are held out as ``val`` (:func:`held_out_combos`), so
-evaluation measures compositional generalisation, not memorisation.
+evaluation measures compositional generalisation, not memorisation; ``ingest.val_pairs`` holds out
+a colour or a motion together with a shape under every other word (:func:`pair_combos`).
 
 Evaluation imports the tables (:data:`SHAPES`, :data:`COLORS`, :data:`MOTIONS`,
 :data:`BACKGROUNDS`) and the pixel measurements (:func:`foreground_mask`,
@@ -208,14 +209,32 @@ def all_combos() -> list[Combo]:
     return list(itertools.product(SHAPES, COLORS, MOTIONS))
 
 
-def held_out_combos(val_combos: int, seed: int) -> list[Combo]:
-    """The ``val_combos`` combinations held out as ``val``, chosen from the seed alone."""
+def held_out_combos(val_combos: int, seed: int, val_pairs: list[str] | tuple[str, ...] = ()) -> list[Combo]:
+    """The combinations held out as ``val``, in table order: ``val_combos`` chosen from the seed
+    alone, and every combination of each ``"WORD SHAPE"`` pair (:func:`pair_combos`)."""
     combos = all_combos()
     if not 0 <= val_combos < len(combos):
         raise ConfigError(f"ingest.val_combos must be in [0, {len(combos)}), got {val_combos}")
     rng = np.random.default_rng([seed, 0])
-    picked = sorted(rng.choice(len(combos), size=val_combos, replace=False).tolist())
-    return [combos[i] for i in picked]
+    picked = set(rng.choice(len(combos), size=val_combos, replace=False).tolist())
+    held = {c for pair in val_pairs for c in pair_combos(pair)}
+    out = [c for i, c in enumerate(combos) if i in picked or c in held]
+    if len(out) >= len(combos):
+        raise ConfigError(f"ingest.val_combos and ingest.val_pairs hold out every combination: {val_pairs}")
+    return out
+
+
+def pair_combos(pair: str) -> list[Combo]:
+    """Every (shape, colour, motion) holding both words of ``"WORD SHAPE"`` (WORD a colour or a
+    motion); ConfigError naming ``ingest.val_pairs`` for words outside the tables."""
+    word, _, shape = pair.strip().partition(" ")
+    shape = shape.strip()
+    if shape not in SHAPES or not (word in COLORS or word in MOTIONS):
+        raise ConfigError(
+            f"ingest.val_pairs: {pair!r} is not 'WORD SHAPE' with WORD a colour ({', '.join(COLORS)}) "
+            f"or a motion ({', '.join(MOTIONS)}) and SHAPE one of {', '.join(SHAPES)}"
+        )
+    return [c for c in all_combos() if c[0] == shape and word in (c[1], c[2])]
 
 
 def clips_per_val_combo(num_clips: int, val_combos: int) -> int:
@@ -225,7 +244,8 @@ def clips_per_val_combo(num_clips: int, val_combos: int) -> int:
         return 0
     if num_clips < 2 * val_combos:
         raise ConfigError(
-            f"ingest.num_clips={num_clips} is too small for ingest.val_combos={val_combos}: "
+            f"ingest.num_clips={num_clips} is too small for {val_combos} held-out combinations "
+            "(ingest.val_combos and ingest.val_pairs): "
             f"need at least {2 * val_combos} clips (every held-out combination gets clips, "
             "and val stays at most half)"
         )
@@ -240,13 +260,13 @@ def plan_samples(cfg: IngestConfig) -> list[ShapeSample]:
     through the training combinations in shuffled rounds, so each appears before any repeats.
     A still is ``val`` when its (shape, colour, ``static``) combination is held out.
     """
-    val = held_out_combos(cfg.val_combos, cfg.seed)
+    val = held_out_combos(cfg.val_combos, cfg.seed, cfg.val_pairs)
     val_set = set(val)
     train = [c for c in all_combos() if c not in val_set]
     rng = np.random.default_rng([cfg.seed, 1])
 
     # 1. Combinations of the clips: the held-out ones, then shuffled rounds of the others.
-    per_val = clips_per_val_combo(cfg.num_clips, cfg.val_combos)
+    per_val = clips_per_val_combo(cfg.num_clips, len(val))
     clip_combos = [c for c in val for _ in range(per_val)]
     while len(clip_combos) < cfg.num_clips:
         need = cfg.num_clips - len(clip_combos)

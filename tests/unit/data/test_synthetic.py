@@ -123,6 +123,34 @@ def test_too_few_clips_for_held_out_combos_is_a_config_error():
         held_out_combos(len(synthetic.all_combos()), 0)
 
 
+def test_val_pairs_keep_a_word_and_a_shape_apart_in_training():
+    cfg = small_cfg(num_clips=80, num_stills=40, val_combos=2, val_pairs=["red circle", "up triangle"])
+    samples = plan_samples(cfg)
+    held = set(held_out_combos(2, cfg.seed, cfg.val_pairs))
+    # red circles under every motion (5) and upward triangles of every colour (6), plus 2 drawn ones
+    assert {c for c in held if c[0] == "circle" and c[1] == "red"} == {("circle", "red", m) for m in MOTIONS}
+    assert {c for c in held if c[0] == "triangle" and c[2] == "up"} == {("triangle", c, "up") for c in COLORS}
+    assert len(held) >= 11
+    train = [s for s in samples if s.split == "train"]
+    assert not any(s.shape == "circle" and s.color == "red" for s in train)
+    assert not any(s.shape == "triangle" and s.motion == "up" for s in train)
+    # the words themselves still train, with the other shapes
+    assert any(s.color == "red" for s in train) and any(s.motion == "up" for s in train)
+    assert {s.combo for s in samples if s.split == "val" and s.kind == "clip"} == held
+    assert sum(s.split == "val" for s in samples if s.kind == "clip") >= 2 * len(held)  # 2 clips each
+    with pytest.raises(ConfigError, match=r"num_clips=9 is too small for 5 held-out"):
+        plan_samples(small_cfg(num_clips=9, val_combos=0, val_pairs=["red circle"]))
+    # no pairs: the same draw as before
+    assert held_out_combos(4, 3, []) == held_out_combos(4, 3)
+
+
+def test_bad_val_pairs_are_config_errors_naming_the_key():
+    with pytest.raises(ConfigError, match=r"ingest\.val_pairs.*'purple circle'"):
+        plan_samples(small_cfg(num_clips=40, val_pairs=["purple circle"]))
+    with pytest.raises(ConfigError, match=r"ingest\.val_pairs"):
+        IngestConfig(val_pairs=["red"])
+
+
 def test_config_rejects_odd_sizes_and_frame_counts():
     with pytest.raises(ConfigError, match="even"):
         IngestConfig(sizes=[[33, 32]])
