@@ -10,8 +10,14 @@ bound to ``--bind``::
         --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:0 ... -m JOB
 
 The workers are torchrun's children and connect to the store as clients; gloo binds to the
-address ``MASTER_ADDR`` resolves to (``--local-addr 127.0.0.1``). Only the agent process is
-changed, and only how the server socket is opened.
+address ``MASTER_ADDR`` resolves to (``--local-addr 127.0.0.1``).
+
+It also gives the workers of every rendezvous round a store of their own
+(:func:`apply_round_stores`, with or without ``--bind``). torch's c10d handler shares one worker
+store, created in the first round, across all rounds, with no per-round prefix: after an elastic
+restart the new workers find the dead ones' keys (gloo's peer addresses under ``default_pg/``)
+and either connect to ports that are gone or wait in ``ProcessGroupGloo``'s full-mesh connect
+until the process-group timeout (pytorch/pytorch#135712). Only the agent process is changed.
 """
 
 from __future__ import annotations
@@ -61,15 +67,58 @@ def apply_bound_store(address: str) -> type:
     return BoundTCPStore
 
 
+_ROUND_STORE_ADDR_KEY = "opensora/worker_store_addr"
+_ROUND_STORE_PORT_KEY = "opensora/worker_store_port"
+
+
+def apply_round_stores() -> None:
+    """Make the c10d rendezvous hand each round's workers a fresh store (see the module docstring).
+
+    The node that is rank 0 of the round starts a new TCPStore server in its agent (bound, when
+    :func:`apply_bound_store` ran first) and publishes its address in the round's own key space
+    of the rendezvous store, which every node of that round (and only of that round) reads. The
+    agent outlives its workers, so the server does too; the previous round's server is closed.
+    """
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import RendezvousInfo, RendezvousStoreInfo
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    if getattr(DynamicRendezvousHandler, "_opensora_round_stores", False):
+        return
+    join_round = DynamicRendezvousHandler.next_rendezvous
+
+    def next_rendezvous(self: Any) -> RendezvousInfo:
+        info = join_round(self)
+        if not self.use_agent_store:  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0's worker hosts it
+            return info
+        store = info.store  # prefixed with this round's number: nothing from earlier rounds
+        if info.rank == 0:
+            addr = self._this_node.addr or socket.getfqdn()
+            server = dist.TCPStore(addr, 0, is_master=True, multi_tenant=True)
+            previous, self._opensora_round_server = getattr(self, "_opensora_round_server", None), server
+            del previous
+            store.set(_ROUND_STORE_ADDR_KEY, addr)
+            store.set(_ROUND_STORE_PORT_KEY, str(server.port))
+        addr = store.get(_ROUND_STORE_ADDR_KEY).decode()
+        port = int(store.get(_ROUND_STORE_PORT_KEY).decode())
+        return RendezvousInfo(store, info.rank, info.world_size, RendezvousStoreInfo(addr, port))
+
+    DynamicRendezvousHandler.next_rendezvous = next_rendezvous
+    DynamicRendezvousHandler._opensora_round_stores = True
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``[--bind ADDRESS] MODULE ARGS...``: run ``python -m MODULE ARGS...`` with bound stores."""
+    """``[--bind ADDRESS] MODULE ARGS...``: run ``python -m MODULE ARGS...`` with per-round worker
+    stores, and with server stores bound to ``ADDRESS`` when given."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    address = "127.0.0.1"
+    address = ""
     if argv[:1] == ["--bind"] and len(argv) >= 2:
         address, argv = argv[1], argv[2:]
     if not argv:
         sys.exit("usage: python -m opensora_core.distributed.bound_store [--bind ADDRESS] MODULE ARGS...")
-    apply_bound_store(address)
+    if address:
+        apply_bound_store(address)
+    apply_round_stores()
     sys.argv = argv
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
 

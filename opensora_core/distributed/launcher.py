@@ -66,7 +66,9 @@ def build_torchrun_command(launch: LaunchConfig, module: str, args: list[str]) -
     through :mod:`opensora_core.distributed.bound_store`, since torch's store listens on every
     interface whatever host it is given). With ``launch.rdzv_endpoint``: a c10d multi-node
     rendezvous of :func:`rendezvous_args`; a loopback endpoint's store listens on that address
-    only. ``launch.max_restarts`` lets torchrun restart the worker group after a failure.
+    only. ``launch.max_restarts`` lets torchrun restart the worker group after a failure; every c10d
+    launch runs through the same wrapper, which gives each rendezvous round's workers a fresh store
+    (torch's shared one keeps the dead round's keys).
     """
     common = [
         "--nnodes",
@@ -94,8 +96,10 @@ def build_torchrun_command(launch: LaunchConfig, module: str, args: list[str]) -
         if bind:
             common += ["--local-addr", bind]
     runner = [sys.executable, "-m", "torch.distributed.run"]
-    if bind:
-        runner = [sys.executable, "-m", "opensora_core.distributed.bound_store", "--bind", bind, *runner[2:]]
+    if bind or (launch.rdzv_endpoint and launch.rdzv_backend == "c10d"):
+        # The agent wrapper: bound stores, and a fresh worker store for every rendezvous round.
+        wrapper = ["opensora_core.distributed.bound_store", *(["--bind", bind] if bind else [])]
+        runner = [sys.executable, "-m", *wrapper, *runner[2:]]
     return [*runner, *common, "-m", module, *args]
 
 

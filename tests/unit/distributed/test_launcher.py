@@ -72,7 +72,9 @@ def test_command_multi_node_rendezvous_and_static():
     assert c10d[c10d.index("--rdzv-endpoint") + 1] == "head:29400"
     assert c10d[c10d.index("--rdzv-id") + 1] == "run7"
     assert c10d[c10d.index("--nnodes") + 1] == "2"
-    assert c10d[2] == "torch.distributed.run" and "--local-addr" not in c10d  # reachable by other nodes
+    # the agent wrapper (a fresh worker store per rendezvous round), no bind: reachable by other nodes
+    assert c10d[2:4] == ["opensora_core.distributed.bound_store", "torch.distributed.run"]
+    assert "--local-addr" not in c10d and "--bind" not in c10d
     loop = build_torchrun_command(LaunchConfig(rdzv_endpoint="127.0.0.1:29400"), "m", [])
     assert loop[2:6] == [
         "opensora_core.distributed.bound_store",
