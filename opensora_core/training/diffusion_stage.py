@@ -78,6 +78,9 @@ class StagePaths:
     def loss_csv(self, stage: str) -> Path:
         return self.metrics / f"diffusion_{stage}_loss.csv"
 
+    def loss_png(self, stage: str) -> Path:
+        return self.metrics / f"diffusion_{stage}_loss.png"
+
     def summary(self, stage: str) -> Path:
         return self.metrics / f"diffusion_{stage}.json"
 

@@ -99,6 +99,7 @@ from opensora_core.training.diffusion_stage import (
 from opensora_core.training.ema import EMA
 from opensora_core.training.guards import OomGuard, bucket_key, check_finite
 from opensora_core.training.latent_cache import LatentDataset, build_latent_loader, encode_batch_latents
+from opensora_core.training.loss_plot import plot_loss_curve
 from opensora_core.training.lr_schedule import build_lr_scheduler, reset_peak_lr
 from opensora_core.training.metrics import MetricWindow, flop_counter, maybe_profiler
 from opensora_core.training.run_key import code_fingerprint, mark_finished, resume_config_hash, select_resume
@@ -415,6 +416,9 @@ class DiffusionTrainer(CheckpointedTrainer):
                 adapter,
             )
             write_loss_csv(self.paths.loss_csv(self.stage), self.history)
+            plot_loss_curve(
+                self.paths.loss_csv(self.stage), self.paths.loss_png(self.stage), f"diffusion {self.stage}"
+            )
             self.paths.summary(self.stage).write_text(json.dumps(summary, indent=2) + "\n")
             self.run.log_metrics({"final_loss": summary["final_loss"]}, step=self.step)
             mark_finished(self.paths.ckpt(self.stage), self.config_hash, self.step)
@@ -510,4 +514,5 @@ def train_stage(
         trainer = DiffusionTrainer(cfg, stage, paths, info, load, run)
         summary = trainer.fit(progress)
         run.log_artifact(paths.loss_csv(stage))
+        run.log_artifact(paths.loss_png(stage))
     return summary

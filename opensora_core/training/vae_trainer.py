@@ -40,6 +40,7 @@ from opensora_core.models.vae.losses import LPIPS, VaeLoss
 from opensora_core.tracking import NullRun, start_stage_run
 from opensora_core.training.checkpoint import CheckpointedTrainer
 from opensora_core.training.ema import EMA
+from opensora_core.training.loss_plot import plot_loss_curve
 from opensora_core.training.lr_schedule import apply_peak_lr, build_lr_scheduler
 from opensora_core.training.run_key import code_fingerprint, mark_finished, resume_config_hash, select_resume
 
@@ -401,6 +402,7 @@ def train_vae(cfg: Config, paths: VaePaths, info: DistInfo) -> dict[str, Any]:
             trainer.save_final()
             write_loss_csv(paths.loss_csv, trainer.history)
             run.log_artifact(paths.loss_csv)
+            run.log_artifact(plot_loss_curve(paths.loss_csv, paths.loss_csv.with_suffix(".png"), "vae_train"))
             vae = load_vae_final(paths.final).to(info.device)
             metrics = reconstruction_metrics(
                 vae, ShardReader(paths.shards, split="val"), cfg.vae_train.val_clips, paths.reports

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from safetensors.torch import save_file
 
 from opensora_core.models.mmdit import build_mmdit
@@ -86,6 +87,8 @@ def test_stage1_writes_final_weights_curve_and_summary(stage: Stage, stage1) -> 
     assert model.config.hidden_size == build_mmdit("tiny").config.hidden_size
     curve = (stage.inputs.root / "models" / "metrics" / "diffusion_stage1_loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss,lr,grad_norm" and len(curve) == 3  # logged at steps 2 and 4
+    png = Image.open(stage.inputs.root / "models" / "metrics" / "diffusion_stage1_loss.png")
+    assert png.format == "PNG" and png.size == (640, 420)
     ckpts = sorted(p.name for p in (stage.inputs.root / "models" / "stage1" / "ckpt").iterdir())
     assert ckpts == ["FINISHED.json", "step-00000004"]  # the finished run's marker (run_key.py)
 

@@ -66,6 +66,7 @@ def test_training_lowers_the_loss_and_resumes_exactly_after_a_kill(vae_project: 
     assert sum(r["l1"] for r in reference[-2:]) < sum(r["l1"] for r in reference[:2])
     metrics = json.loads((root / "metrics/vae.json").read_text())
     assert set(metrics) >= {"psnr", "ssim", "psnr_baseline"}
+    assert (root / "metrics/vae_train_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shutil.rmtree(root / "models/vae")
 
     # 2. the same run, its worker killed once the step-4 checkpoint is complete
