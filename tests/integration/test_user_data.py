@@ -19,28 +19,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from tests.integration.conftest import Project, make_project_copy
 
-TRAINED = [  # the training stages' outputs, as dvc.yaml declares them
-    "models/vae/final",
-    "models/vae/ckpt",
-    "reports/vae",
-    "metrics/vae.json",
-    "metrics/vae_train_loss.csv",
-    "models/vae/latent_stats.json",
-    *[
-        f"{kind}"
-        for name in ("stage1", "stage2", "stage3")
-        for kind in (
-            f"models/diffusion/{name}/final",
-            f"models/diffusion/{name}/ckpt",
-            f"metrics/diffusion_{name}.json",
-            f"metrics/diffusion_{name}_loss.csv",
-        )
-    ],
-]
 TRAINING_STAGES = ["vae_train", "vae_stats", "diffusion_stage1", "diffusion_stage2", "diffusion_stage3"]
+
+
+def trained_outputs(repo: Path) -> list[str]:
+    """Every output (outs, metrics, plots) that dvc.yaml declares for the training stages."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    paths = []
+    for name in TRAINING_STAGES:
+        for section in ("outs", "metrics", "plots"):
+            for entry in stages[name].get(section, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return paths
 
 
 def set_ingest(repo: Path, source: str, path: str) -> None:
@@ -55,7 +49,7 @@ def set_ingest(repo: Path, source: str, path: str) -> None:
 
 def reuse_trained_models(session: Project, repo: Project) -> None:
     """The session's trained stages' outputs, committed to this copy's DVC for its new shards."""
-    for rel in TRAINED:
+    for rel in trained_outputs(repo.root):
         src, dst = session.root / rel, repo.root / rel
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
