@@ -60,11 +60,13 @@ class Project:
         return self.run(sys.executable, "-m", "dvc", *args, **kwargs)
 
 
-def pipeline_outputs(root: Path) -> list[str]:
-    """Every path dvc.yaml's stages write (outs, metrics, plots), as written there."""
+def pipeline_outputs(root: Path, only: list[str] | None = None) -> list[str]:
+    """Every path dvc.yaml's stages (or the stages named in ``only``) write (outs, metrics, plots),
+    as written there."""
     stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
     paths = []
-    for stage in stages.values():
+    for name in only if only is not None else list(stages):
+        stage = stages[name]
         for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
             paths.append(entry if isinstance(entry, str) else next(iter(entry)))
     return paths

@@ -19,22 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from tests.integration.conftest import Project, make_project_copy
+from tests.integration.conftest import Project, make_project_copy, pipeline_outputs
 
 TRAINING_STAGES = ["vae_train", "vae_stats", "diffusion_stage1", "diffusion_stage2", "diffusion_stage3"]
-
-
-def trained_outputs(repo: Path) -> list[str]:
-    """Every output (outs, metrics, plots) that dvc.yaml declares for the training stages."""
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    paths = []
-    for name in TRAINING_STAGES:
-        for section in ("outs", "metrics", "plots"):
-            for entry in stages[name].get(section, []):
-                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
-    return paths
 
 
 def set_ingest(repo: Path, source: str, path: str) -> None:
@@ -49,7 +37,7 @@ def set_ingest(repo: Path, source: str, path: str) -> None:
 
 def reuse_trained_models(session: Project, repo: Project) -> None:
     """The session's trained stages' outputs, committed to this copy's DVC for its new shards."""
-    for rel in trained_outputs(repo.root):
+    for rel in pipeline_outputs(repo.root, only=TRAINING_STAGES):
         src, dst = session.root / rel, repo.root / rel
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
