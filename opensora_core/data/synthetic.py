@@ -387,8 +387,7 @@ def render(sample: ShapeSample) -> np.ndarray:
     centers = sample.centers()  # (T, 2)
     yy = np.arange(h, dtype=np.float64)[None, :, None] - centers[:, 0, None, None]  # (T, H, 1)
     xx = np.arange(w, dtype=np.float64)[None, None, :] - centers[:, 1, None, None]  # (T, 1, W)
-    inside = _signed_distance(sample.shape, yy, xx, sample.size)  # (T, H, W), > 0 inside
-    alpha = np.clip(inside + 0.5, 0.0, 1.0)[..., None]
+    alpha = shape_coverage(sample.shape, yy, xx, sample.size)[..., None]  # (T, H, W, 1)
     color = np.asarray(COLORS[sample.color], dtype=np.float64)
     frames = background[None] * (1.0 - alpha) + color * alpha
     return np.round(frames).astype(np.uint8)
@@ -399,6 +398,29 @@ def render_background(name: str, height: int, width: int) -> np.ndarray:
     top, bottom = (np.asarray(c, dtype=np.float64) for c in BACKGROUNDS[name])
     ramp = np.linspace(0.0, 1.0, height)[:, None, None]
     return np.broadcast_to(top * (1.0 - ramp) + bottom * ramp, (height, width, 3)).copy()
+
+
+def shape_coverage(shape: str, yy: np.ndarray, xx: np.ndarray, radius: float) -> np.ndarray:
+    """Share of each pixel the shape covers, in [0, 1], as :func:`render` draws it; ``yy``/``xx``
+    are the pixels' offsets from the shape's centre (broadcast together)."""
+    return np.clip(_signed_distance(shape, yy, xx, radius) + 0.5, 0.0, 1.0)
+
+
+def shape_area(shape: str) -> float:
+    """Area of the shape at radius 1 (pixels at radius r: ``shape_area * r**2``)."""
+    if shape == "circle":
+        return math.pi
+    pts = _POLYGONS[shape]
+    y, x = pts[:, 0], pts[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def shape_centroid(shape: str) -> np.ndarray:
+    """Offset ``(dy, dx)`` of the shape's area centroid from its centre at radius 1 (a triangle's
+    centroid sits below its centre: the apex points up)."""
+    if shape == "circle":
+        return np.zeros(2)
+    return _POLYGONS[shape].mean(axis=0)  # the vertex mean: the area centroid of a triangle or a square
 
 
 def _signed_distance(shape: str, yy: np.ndarray, xx: np.ndarray, radius: float) -> np.ndarray:

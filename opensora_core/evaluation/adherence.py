@@ -8,8 +8,11 @@ Each generated clip is measured from its pixels with the data generator's own me
 - motion: the direction of the foreground centroid's travel, from a least-squares line through
   its track over all frames, ``static`` under a tenth of the frame's shorter side
   (:func:`centroid_track`, :func:`motion_of_track`, :data:`STATIC_SHARE`);
-- shape: how much of its bounding box the foreground fills, median over frames: a square fills
-  it (1.0), a circle pi/4 (0.79), a triangle half (0.5) (:func:`shape_of_mask`).
+- shape: which of the three shapes, drawn as the generator draws it with the foreground's area
+  and centroid, overlaps the foreground most (intersection over union), majority over frames
+  (:func:`shape_of_mask`). A decoded sample is a low-passed picture: its corners round off, so a
+  square's or a triangle's share of its bounding box drifts towards a circle's, while its outline
+  still matches its own template best (benchmarks/BENCHMARKS.md, "the scorer on ground truth").
 
 Accuracy is the share of clips whose measurement equals the prompt's attribute; chance is the
 accuracy of a uniform guess, one over the number of values (colour 1/6, motion 1/5, shape 1/3).
@@ -35,6 +38,9 @@ from opensora_core.data.synthetic import (
     foreground_mask,
     make_caption,
     motion_of_track,
+    shape_area,
+    shape_centroid,
+    shape_coverage,
 )
 from opensora_core.errors import InputError
 
@@ -42,9 +48,6 @@ ATTRIBUTES = ("color", "motion", "shape")
 CHANCE = {"color": 1 / len(COLORS), "motion": 1 / len(MOTIONS), "shape": 1 / len(SHAPES)}
 """Accuracy of a uniform guess per attribute."""
 
-# Fill ratio (foreground pixels / bounding-box area) that separates the shapes: triangle 0.5,
-# circle pi / 4 ~ 0.785, square 1.0; the cuts sit between them.
-SHAPE_FILL_CUTS = (0.64, 0.9)
 MIN_SHAPE_PIXELS = 12
 """Frames with fewer foreground pixels give no shape vote (too small to tell)."""
 
@@ -99,15 +102,35 @@ def build_adherence_prompts(
 # --------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------
-def shape_of_mask(mask: np.ndarray) -> str | None:
-    """Shape name of one frame's foreground mask ``(H, W)`` bool, from its bounding-box fill ratio."""
+def shape_ious(mask: np.ndarray) -> dict[str, float] | None:
+    """IoU of one frame's foreground mask ``(H, W)`` bool with each shape's template; None when
+    the mask is too small to tell (under :data:`MIN_SHAPE_PIXELS`).
+
+    The template of a shape has the mask's area (its radius solves ``shape_area * r**2 = area``)
+    and its area centroid on the mask's centroid; it is the generator's anti-aliased coverage.
+    """
+    mask = np.asarray(mask, dtype=bool)
     ys, xs = np.nonzero(mask)
     if len(ys) < MIN_SHAPE_PIXELS:
         return None
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = len(ys) / box
-    low, high = SHAPE_FILL_CUTS
-    return "triangle" if fill < low else "circle" if fill < high else "square"
+    cy, cx = ys.mean(), xs.mean()
+    fg = mask.astype(np.float64)
+    out = {}
+    for shape in SHAPES:
+        radius = float(np.sqrt(len(ys) / shape_area(shape)))
+        dy, dx = shape_centroid(shape) * radius
+        yy = np.arange(mask.shape[0], dtype=np.float64)[:, None] - (cy - dy)
+        xx = np.arange(mask.shape[1], dtype=np.float64)[None, :] - (cx - dx)
+        template = shape_coverage(shape, yy, xx, radius)  # (H, W)
+        out[shape] = float(np.minimum(template, fg).sum() / np.maximum(template, fg).sum())
+    return out
+
+
+def shape_of_mask(mask: np.ndarray) -> str | None:
+    """Shape name of one frame's foreground mask ``(H, W)`` bool: the template it overlaps most
+    (:func:`shape_ious`); None when the mask is too small to tell."""
+    ious = shape_ious(mask)
+    return None if ious is None else max(ious, key=ious.__getitem__)
 
 
 def measure_shape(frames: np.ndarray) -> str | None:
