@@ -77,7 +77,9 @@ def stage(args: argparse.Namespace, cfg: Config) -> str:
     job_args = ["--params", args.params]
     for item in args.overrides:
         job_args += ["--set", item]
-    job_args += ["--shards", args.shards, "--vae", args.vae, "--output", args.output]
+    job_args += ["--shards", args.shards, "--vae", args.vae, "--output", args.output] + [
+        "--quiet"
+    ] * args.quiet
     code = run_job(JOB, job_args, cfg.launch)
     if code != 0:
         raise JobFailed(code, f"latent statistics job failed with exit code {code}")

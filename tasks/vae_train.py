@@ -50,7 +50,7 @@ def stage(args: argparse.Namespace, cfg: Config) -> str:
     job_args = ["--params", args.params]
     for item in args.overrides:
         job_args += ["--set", item]
-    job_args += ["--shards", args.shards, "--metrics", args.metrics]
+    job_args += ["--shards", args.shards, "--metrics", args.metrics] + ["--quiet"] * args.quiet
     code = run_job(JOB, job_args, cfg.launch)
     if code != 0:
         raise JobFailed(code, f"VAE training job failed with exit code {code}")

@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics", type=Path, default=Path("metrics/vae.json"))
     p.add_argument("--loss-csv", type=Path, default=Path("metrics/vae_train_loss.csv"))
     p.add_argument("--reports", type=Path, default=Path("reports/vae"))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     cfg = load_config(args.params, args.overrides)
     paths = VaePaths(args.shards, args.final, args.ckpt, args.metrics, args.loss_csv, args.reports)
     info = init_distributed()
-    summary = train_vae(cfg, paths, info)
+    summary = train_vae(cfg, paths, info, progress=not args.quiet)
     if info.rank == 0:
         resumed = f", resumed from {summary['resumed_from']}" if summary["resumed_from"] else ""
         print(

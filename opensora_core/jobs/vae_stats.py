@@ -73,11 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", type=Path, default=Path("data/shards"))
     p.add_argument("--vae", type=Path, default=Path("models/vae/final"))
     p.add_argument("--output", type=Path, default=Path("models/vae/latent_stats.json"))
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def accumulate_moments(
-    vae: torch.nn.Module, shards: Path, cfg: Any, info: Any
+    vae: torch.nn.Module, shards: Path, cfg: Any, info: Any, progress: bool = True
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int, int]:
     """This rank's share of the clips -> per-channel (count, mean, M2) of their raw latents (C,) each,
     with the numbers of clips encoded and skipped (no bucket fits).
@@ -106,7 +107,7 @@ def accumulate_moments(
     )
     skipped = 0
     with torch.no_grad():
-        for index in tqdm(mine, desc="vae_stats", disable=info.rank != 0, unit="clip"):
+        for index in tqdm(mine, desc="vae_stats", disable=info.rank != 0 or not progress, unit="clip"):
             row = sizes.iloc[int(index)]
             bucket = buckets.assign(
                 int(index), int(row.height), int(row.width), int(row.num_frames), cfg.seed, 0
@@ -181,7 +182,7 @@ def main() -> None:
         "ema.safetensors" if (args.vae / "ema.safetensors").is_file() else "model.safetensors"
     )
     # 1. this rank's clips -> per-channel moments of their raw latents
-    acc, encoded, skipped = accumulate_moments(vae, args.shards, cfg, info)
+    acc, encoded, skipped = accumulate_moments(vae, args.shards, cfg, info, progress=not args.quiet)
     # 2. exact merge across ranks; rank 0 writes the file
     moments = all_reduce_moments(*acc, info.device)
     counts = torch.tensor([float(encoded), float(skipped)], dtype=torch.float64)

@@ -279,11 +279,17 @@ class VaeTrainer(CheckpointedTrainer):
         return video.to(self.device, non_blocking=True)
 
     # ---- the loop ----------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
+    def fit(self, progress: bool = True) -> dict[str, Any]:
         rank0 = self.info.rank == 0
         start_step, start = self.step, time.perf_counter()
         samples = 0
-        bar = tqdm(total=self.tcfg.steps, initial=self.step, desc="vae_train", disable=not rank0, unit="step")
+        bar = tqdm(
+            total=self.tcfg.steps,
+            initial=self.step,
+            desc="vae_train",
+            disable=not (rank0 and progress),
+            unit="step",
+        )
         window: list[dict[str, float]] = []
         while self.step < self.tcfg.steps:
             batch = next(self.loader)
@@ -388,15 +394,18 @@ def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
             writer.writerow({k: row.get(k, "") for k in keys})
 
 
-def train_vae(cfg: Config, paths: VaePaths, info: DistInfo) -> dict[str, Any]:
-    """Train (or resume), write the final folder, reconstruct val clips; the stage's summary."""
+def train_vae(cfg: Config, paths: VaePaths, info: DistInfo, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume), write the final folder, reconstruct val clips; the stage's summary.
+
+    ``progress``: a progress bar on rank 0.
+    """
     from opensora_core.evaluation.reconstruction import reconstruction_metrics
 
     with start_stage_run(
         "vae_train", cfg.tracking, params={"vae_train": dataclasses.asdict(cfg.vae_train)}, rank=info.rank
     ) as run:
         trainer = VaeTrainer(cfg, paths, info, run)
-        summary = trainer.fit()
+        summary = trainer.fit(progress)
         barrier()
         if info.rank == 0:
             trainer.save_final()
