@@ -49,6 +49,20 @@ VAE_SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "scale_factor_temporal": 4,
             "scale_factor_spatial": 8,
         },
+        # 4x temporal, 4x spatial, 8 channels, ~0.47M parameters: tiny without its last level. A 48 px
+        # frame is 12x12 latents (6x6 MMDiT tokens at patch 2), so a 12-19 px shape spans several
+        # tokens; it keeps more of a shape's outline than tiny (benchmarks/BENCHMARKS.md, "Geometry").
+        "tiny-s4": {
+            "base_dim": 8,
+            "z_dim": 8,
+            "dim_mult": [1, 2, 4],
+            "num_res_blocks": 1,
+            "temperal_downsample": [True, True],
+            "latents_mean": [0.0] * 8,
+            "latents_std": [1.0] * 8,
+            "scale_factor_temporal": 4,
+            "scale_factor_spatial": 4,
+        },
         # AutoencoderKLWan's defaults: the released Wan 2.1 VAE (4x8x8, 16 channels, ~127M parameters).
         "wan2.1": {},
     },

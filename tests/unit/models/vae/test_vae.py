@@ -41,6 +41,17 @@ def test_tiny_is_under_a_million_parameters_with_4x8x8_compression(family):
     assert (vae.temporal_factor, vae.spatial_factor, vae.latent_channels) == (4, 8, 8)
 
 
+def test_tiny_s4_compresses_4x4x4_and_decodes_to_the_input_shape():
+    vae = build_vae(VaeModelConfig(family="wan", size="tiny-s4", shortcut=True))
+    assert sum(p.numel() for p in vae.parameters()) < 1_000_000
+    assert (vae.temporal_factor, vae.spatial_factor, vae.latent_channels) == (4, 4, 8)
+    assert vae.latent_shape(17, 48, 64) == (8, 5, 12, 16)
+    x = torch.rand(1, 3, 9, 48, 48) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (1, 8, 3, 12, 12)
+    assert vae.decode(z).shape == x.shape
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize(("frames", "height", "width"), [(9, 32, 32), (17, 32, 48), (1, 32, 32)])
 def test_shapes_match_latent_shape(family, frames, height, width):
