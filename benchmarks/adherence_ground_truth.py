@@ -16,6 +16,9 @@ attributes are known with the evaluate stage's own measurements
     .venv/bin/python benchmarks/adherence_ground_truth.py                   # after `make run`
     .venv/bin/python benchmarks/adherence_ground_truth.py --vae models/vae/final --per-combo 16
 
+A round trip does not depend on the latent statistics (encode normalises, decode undoes it), so
+none are read.
+
 The ``shape_fill`` column is the earlier shape measure, kept here for comparison: the share of its
 bounding box the foreground fills (square 1.0, circle pi/4, triangle 0.5; cuts at 0.64 and 0.9),
 majority over frames. Prints one line per set and, with ``--write``, a Markdown table for benchmarks/BENCHMARKS.md.
@@ -34,8 +37,9 @@ import numpy as np
 import pandas as pd
 
 from opensora_core.config import load_config
-from opensora_core.data.synthetic import foreground_mask, plan_samples, render
+from opensora_core.data.synthetic import all_combos, foreground_mask, plan_samples, render
 from opensora_core.data.video_io import read_video
+from opensora_core.errors import InputError
 from opensora_core.evaluation.adherence import ATTRIBUTES, MIN_SHAPE_PIXELS, measure_clip
 
 Clip = tuple[np.ndarray, dict[str, str]]
@@ -48,7 +52,11 @@ def rendered_clips(params: str, per_combo: int, height: int, width: int, frames:
     val = {s.combo for s in plan_samples(ingest) if s.split == "val" and s.kind == "clip"}
     # Draw a large data set at the sample shape: its val clips cycle the same held-out combinations.
     cfg = dataclasses.replace(
-        ingest, sizes=[[height, width]], num_frames=[frames], num_clips=per_combo * 90 * 2, num_stills=0
+        ingest,
+        sizes=[[height, width]],
+        num_frames=[frames],
+        num_clips=per_combo * len(all_combos()) * 2,
+        num_stills=0,
     )
     clips: list[Clip] = []
     counts: dict[tuple[str, str, str], int] = {}
@@ -70,25 +78,20 @@ def dataset_clips(labels_path: Path) -> list[Clip]:
     ]
 
 
-def vae_round_trip(clips: list[Clip], vae_dir: str, stats: str) -> list[Clip]:
-    """Each clip encoded and decoded by the VAE in ``vae_dir`` (its frames cropped to the VAE's factors)."""
+def vae_round_trip(clips: list[Clip], vae_dir: str) -> list[Clip]:
+    """Each clip encoded (posterior mean) and decoded by the VAE in ``vae_dir``, loaded and cropped
+    to an encodable shape as the evaluate stage's reconstruction check does."""
     import torch
 
-    from opensora_core.models.final import load_latent_stats
-    from opensora_core.models.vae import VideoAutoencoder
+    from opensora_core.evaluation.reconstruction import clip_tensor, reconstruct, to_uint8
+    from opensora_core.inference import load_vae_dir
 
-    vae = VideoAutoencoder.load(vae_dir).eval()
-    if stats:
-        vae.set_latent_stats(load_latent_stats(stats))
-    ft, fs = vae.temporal_factor, vae.spatial_factor
+    vae = load_vae_dir(Path(vae_dir)).eval()
     out = []
     with torch.no_grad():
         for frames, labels in clips:
-            t = 1 + (frames.shape[0] - 1) // ft * ft
-            h, w = frames.shape[1] // fs * fs, frames.shape[2] // fs * fs
-            x = torch.from_numpy(frames[:t, :h, :w]).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)[None]
-            y = vae.decode(vae.encode(x))[0].clamp(-1, 1)
-            out.append((y.add(1).mul(127.5).round().byte().permute(1, 2, 3, 0).numpy(), labels))
+            x = clip_tensor(frames, vae.spatial_factor, vae.temporal_factor)  # (1, 3, T, H, W)
+            out.append((to_uint8(reconstruct(vae, x)[0]), labels))
     return out
 
 
@@ -126,7 +129,6 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--labels", default="data/raw/labels.parquet")
     parser.add_argument("--vae", default="", help="a VAE folder: also score the round trip through it")
-    parser.add_argument("--latent-stats", default="")
     parser.add_argument("--min", type=float, default=0.95, help="the scorer's target on every attribute")
     parser.add_argument("--write", action="store_true", help="print a Markdown table at the end")
     args = parser.parse_args()
@@ -136,7 +138,7 @@ def main() -> None:
         sets["dataset"] = dataset_clips(Path(args.labels))
     if args.vae:
         for name in list(sets):
-            sets[f"{name}+vae"] = vae_round_trip(sets[name], args.vae, args.latent_stats)
+            sets[f"{name}+vae"] = vae_round_trip(sets[name], args.vae)
     rows = []
     for name, clips in sets.items():
         s = score(clips)
@@ -161,4 +163,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as exc:  # a missing VAE folder or labels table: its message, exit 2
+        print(f"adherence_ground_truth: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -16,7 +16,7 @@ LINE = re.compile(
 def test_the_scorer_reads_ground_truth_and_the_vae_round_trip(project, pipeline_run) -> None:
     proc = project.python(
         "benchmarks/adherence_ground_truth.py", "--params", "params.yaml", "--per-combo", "4",
-        "--vae", "models/vae/final", "--latent-stats", "models/vae/latent_stats.json", "--write",
+        "--vae", "models/vae/final", "--write",
     )  # fmt: skip
     rows = {m[0]: (int(m[1]), *map(float, m[2:])) for m in LINE.findall(proc.stdout)}
     assert set(rows) == {"rendered", "dataset", "rendered+vae", "dataset+vae"}, proc.stdout
